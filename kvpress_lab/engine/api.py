@@ -1,0 +1,95 @@
+"""The few-lines Python entry point: ``run(model, policy, context, question)``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvpress_lab.engine.cache import kv_bytes
+from kvpress_lab.engine.decode import greedy_decode, stop_token_ids
+from kvpress_lab.engine.result import RunResult
+from kvpress_lab.engine.runner import check_fits, prefill_and_compress
+from kvpress_lab.models import LoadedModel
+from kvpress_lab.policy import Policy
+from kvpress_lab.prompt import PromptSegments, build_prompt
+from kvpress_lab.spec import load_policy
+
+__all__ = ["run", "run_segments"]
+
+
+def run(
+    lm: LoadedModel,
+    policy: str | Policy,
+    context: str,
+    question: str,
+    answer_prefix: str = "",
+    *,
+    query_agnostic: bool = False,
+    max_new_tokens: int = 32,
+    chat_template: bool = True,
+) -> RunResult:
+    """Compress ``context`` with ``policy`` and answer ``question`` from the compressed cache.
+
+    >>> lm = load_model()                                   # doctest: +SKIP
+    >>> run(lm, "snapkv:keep_ratio=0.25", text, "Who?").answer  # doctest: +SKIP
+    """
+    pol = load_policy(policy)
+    segments = build_prompt(lm.tokenizer, context, question, answer_prefix, chat_template)
+    return run_segments(lm, pol, segments, query_agnostic=query_agnostic, max_new_tokens=max_new_tokens)
+
+
+def run_segments(
+    lm: LoadedModel,
+    policy: Policy,
+    segments: PromptSegments,
+    *,
+    query_agnostic: bool = False,
+    max_new_tokens: int = 32,
+) -> RunResult:
+    """:func:`run` on already tokenized context and question segments."""
+    check_fits(lm, segments, max_new_tokens)
+    comp = policy.compose()
+    state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
+    held = state.cache.get_seq_length()
+    per_token = kv_bytes(state.cache) / max(1, held)
+    kept_bytes = int(round(per_token * state.kept_tokens))
+
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    t0 = time.perf_counter()
+    evictor = comp.decode_evictor.start(lm, state) if comp.decode_evictor is not None else None
+    answer_ids = greedy_decode(
+        lm.model,
+        state.cache,
+        segments.question_ids,
+        state.next_position,
+        max_new_tokens,
+        stop_token_ids(lm.model, lm.tokenizer),
+        first_logits=state.question_logits,
+        evictor=evictor,
+    )
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    decode_s = time.perf_counter() - t0
+    answer = lm.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+    return RunResult(
+        answer=answer,
+        answer_token_ids=answer_ids,
+        policy_name=policy.name,
+        policy_params=policy.params(),
+        model=lm.name,
+        protocol="query-agnostic" if query_agnostic else "question-aware",
+        context_token_ids=segments.context_ids.tolist(),
+        question_token_ids=segments.question_ids.tolist(),
+        kept_indices=state.context_index.cpu(),
+        kv_bytes_full=int(round(per_token * state.context_length)),
+        kv_bytes_kept=kept_bytes,
+        peak_kv_tokens=state.peak_kv_tokens,
+        peak_kv_bytes=state.peak_kv_bytes,
+        prefill_s=state.prefill_s,
+        compress_s=state.compress_s,
+        decode_s=decode_s,
+        blocks=state.blocks,
+        target_tokens=comp.budgeter.target_tokens(state.context_length),
+    )

@@ -1,0 +1,279 @@
+"""The compression engine: prefill (one-shot or block-wise), compress in place, answer.
+
+One loop serves every policy. The context is cut into blocks (a single block in one-shot mode);
+each block is run with the question appended (question-aware protocol), then one compression step
+keeps ``protected | selected`` slots and drops the rest, the question included. Tokens keep their
+original positions unless the policy asks for contiguous positions, in which case the kept keys
+are re-rotated. Finally the question is fed over the compressed cache and the answer decoded
+greedily with positions continuing after the context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import attrs
+import torch
+from transformers import DynamicCache
+
+from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices, kv_bytes, layer_kv, set_layer_kv
+from kvpress_lab.engine.observe import Observer, attention_layers
+from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
+from kvpress_lab.interfaces import Allocation, ScoreSource, Scorer, StepLayout
+from kvpress_lab.models import LoadedModel
+from kvpress_lab.ops.rope import rerotate_keys
+from kvpress_lab.policy import Composition, Policy
+from kvpress_lab.prompt import PromptSegments
+
+__all__ = ["CompressedContext", "check_fits", "prefill_and_compress"]
+
+
+@attrs.define
+class CompressedContext:
+    """The state after prefill and compression, ready for answering."""
+
+    cache: DynamicCache
+    context_index: torch.Tensor  # [Ly, H, k] context position held by every kept slot
+    next_position: int  # position of the first question token when answering
+    context_length: int
+    peak_kv_tokens: int  # most slots held at once during prefill (per layer and head)
+    peak_kv_bytes: int
+    prefill_s: float
+    compress_s: float
+    blocks: int
+    # set when nothing was evicted in the last step and the question's KV could be kept
+    question_logits: torch.Tensor | None = None
+
+    @property
+    def kept_tokens(self) -> int:
+        return int(self.context_index.shape[-1])
+
+
+class _Scores(ScoreSource):
+    def __init__(self, scorers: Mapping[str, Scorer], layout, observed, cache) -> None:
+        self._scorers, self._layout, self._observed, self._cache = scorers, layout, observed, cache
+
+    def scores(self, name: str, candidates: torch.Tensor) -> torch.Tensor:
+        scorer = self._scorers[name]
+        out = scorer.score(
+            self._layout, self._observed[name], candidates, lambda i: self._cache.layers[i].keys
+        )
+        if out.dim() != 3 or out.shape[-1] != self._layout.n_slots:
+            raise PluginError(
+                f"scorer {scorer.name!r} returned shape {tuple(out.shape)}; expected "
+                f"[layers|1, kv_heads|1, {self._layout.n_slots}]"
+            )
+        return out
+
+
+def check_fits(lm: LoadedModel, segments: PromptSegments, max_new_tokens: int) -> None:
+    """Refuse prompts longer than the model's positions before any model work."""
+    limit = lm.max_positions
+    total = segments.context_length + segments.question_length + max_new_tokens
+    if limit is not None and total > limit:
+        raise ContextTooLongError(
+            f"context ({segments.context_length} tokens) + question ({segments.question_length}) + "
+            f"answer ({max_new_tokens}) = {total} tokens exceeds {lm.name}'s maximum of {limit} "
+            "positions; shorten the context or use a model with a longer context"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill_and_compress(
+    lm: LoadedModel,
+    policy: Policy | Composition,
+    segments: PromptSegments,
+    query_agnostic: bool = False,
+) -> CompressedContext:
+    """Run the policy's prefill and compression over the context segment."""
+    comp = policy.compose() if isinstance(policy, Policy) else policy
+    model, device = lm.model, lm.device
+    ctx = segments.context_ids.to(device)
+    question = segments.question_ids.to(device)
+    L = int(ctx.numel())
+    comp.budgeter.validate(L)
+    attn_layers = attention_layers(model)
+    n_layers = len(attn_layers)
+    n_kv = model.config.num_key_value_heads
+    block = comp.engine.block_size or L
+    bounds = [(s, min(s + block, L)) for s in range(0, L, block)]
+    contiguous = comp.engine.position_mode == "contiguous"
+    Q = 0 if query_agnostic else int(question.numel())
+
+    cache = DynamicCache(config=model.config)
+    context_index = torch.empty(n_layers, n_kv, 0, dtype=torch.long)
+    prefill_s = compress_s = 0.0
+    peak_tokens = peak_bytes = 0
+    question_logits = None
+
+    for bi, (b0, b1) in enumerate(bounds):
+        n_past = int(context_index.shape[-1])
+        ids = torch.cat([ctx[b0:b1], question[:Q]])
+        n_in = int(ids.numel())
+        if contiguous:
+            positions = torch.arange(n_past, n_past + n_in, device=device)
+        else:
+            positions = torch.cat(
+                [torch.arange(b0, b1, device=device), torch.arange(L, L + Q, device=device)]
+            )
+        new_index = torch.cat([torch.arange(b0, b1), torch.full((Q,), -1)])
+        step_index = torch.cat([context_index, new_index.expand(n_layers, n_kv, -1)], dim=-1)
+        layout = StepLayout(
+            context_length=L,
+            block_index=bi,
+            n_blocks=len(bounds),
+            block_start=b0,
+            block_end=b1,
+            n_past=n_past,
+            n_question=Q,
+            context_index=step_index,
+        )
+        allocation = comp.budgeter.allocate(layout)
+        _check_allocation(allocation, layout, comp.budgeter.name)
+        evicts = _evicts(allocation, layout)
+        used = {n: comp.scorers[n] for n in comp.selector.scorer_names()} if allocation.k > 0 and evicts else {}
+        observer = Observer(
+            model,
+            list(used.items()),
+            layout,
+            question_rows=slice(n_in - Q, n_in) if Q else None,
+            observation_window=comp.engine.observation_window,
+        )
+        _sync(device)
+        t0 = time.perf_counter()
+        with observer.attached():
+            out = model(
+                input_ids=ids[None],
+                past_key_values=cache,
+                position_ids=positions[None],
+                cache_position=torch.arange(n_past, n_past + n_in, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        _sync(device)
+        t1 = time.perf_counter()
+        peak_tokens = max(peak_tokens, n_past + n_in)
+        peak_bytes = max(peak_bytes, kv_bytes(cache))
+
+        keep_all_context = not evicts
+        last = bi == len(bounds) - 1
+        if keep_all_context and last and Q and not contiguous:
+            # nothing evicted: the question's KV and logits are exactly what re-feeding would give
+            question_logits = out.logits[0, -1]
+            keep = torch.ones(1, 1, layout.n_slots, dtype=torch.bool)
+            indices = keep_mask_to_indices(keep, comp.budgeter.name)
+            context_index = step_index
+        else:
+            if keep_all_context:
+                keep = ~layout.question_mask[:1, :1]
+            else:
+                source = _Scores(comp.scorers, layout, observer.observed, cache)
+                selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
+                keep = _merge(allocation, selected, layout, comp.selector.name)
+            indices = keep_mask_to_indices(keep, comp.budgeter.name)
+            gather_slots(cache, indices)
+            context_index = _gather_index(step_index, indices)
+            if contiguous:
+                _rerotate_contiguous(model, cache, layout, step_index, indices, n_past)
+        _sync(device)
+        t2 = time.perf_counter()
+        prefill_s += (t1 - t0) - observer.seconds
+        compress_s += observer.seconds + (t2 - t1)
+
+    return CompressedContext(
+        cache=cache,
+        context_index=context_index[..., : context_index.shape[-1] - (Q if question_logits is not None else 0)],
+        next_position=(int(context_index.shape[-1]) if contiguous else L),
+        context_length=L,
+        peak_kv_tokens=peak_tokens,
+        peak_kv_bytes=peak_bytes,
+        prefill_s=prefill_s,
+        compress_s=compress_s,
+        blocks=len(bounds),
+        question_logits=question_logits,
+    )
+
+
+def _broadcast(mask: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    return mask.to(torch.bool).expand_as(layout.context_index)
+
+
+def _evicts(allocation: Allocation, layout: StepLayout) -> bool:
+    """Whether this step drops any context slot."""
+    ctx = ~layout.question_mask
+    kept = (_broadcast(allocation.protected, layout) & ctx).sum(-1) + allocation.k
+    return bool((kept < ctx.sum(-1)).any())
+
+
+def _check_allocation(allocation: Allocation, layout: StepLayout, who: str) -> None:
+    for field in ("protected", "candidates"):
+        mask = getattr(allocation, field)
+        if mask.dim() != 3 or mask.shape[-1] != layout.n_slots:
+            raise PluginError(
+                f"budgeter {who!r} returned {field} of shape {tuple(mask.shape)}; expected "
+                f"[layers|1, kv_heads|1, {layout.n_slots}]"
+            )
+    if allocation.k < 0:
+        raise PluginError(f"budgeter {who!r} asked to keep k={allocation.k} candidates")
+    q = layout.question_mask
+    if bool((_broadcast(allocation.protected, layout) & q).any()):
+        raise PluginError(f"budgeter {who!r} protected question slots; the question is never kept")
+    n_cand = int((_broadcast(allocation.candidates, layout) & ~q).sum(-1).min())
+    if allocation.k > n_cand:
+        raise PluginError(f"budgeter {who!r} asked to keep {allocation.k} of only {n_cand} candidates")
+
+
+def _merge(allocation: Allocation, selected: torch.Tensor, layout: StepLayout, who: str) -> torch.Tensor:
+    if selected.dim() != 3 or selected.shape[-1] != allocation.k:
+        raise PluginError(
+            f"selector {who!r} returned shape {tuple(selected.shape)}; expected [layers|1, kv_heads|1, {allocation.k}]"
+        )
+    lead = torch.broadcast_shapes(allocation.protected.shape[:2], selected.shape[:2])
+    protected = allocation.protected.to(torch.bool).expand(*lead, layout.n_slots)
+    cand = allocation.candidates.to(torch.bool).expand(*lead, layout.n_slots)
+    sel = selected.expand(*lead, allocation.k)
+    if not bool(cand.gather(-1, sel).all()):
+        raise PluginError(f"selector {who!r} selected slots that are not candidates")
+    keep = protected.clone()
+    keep.scatter_(-1, sel, True)
+    if bool((keep & layout.question_mask[: lead[0], : lead[1]]).any()):
+        raise PluginError(f"selector {who!r} kept question slots")
+    return keep
+
+
+def _gather_index(step_index: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    ly, h, _ = step_index.shape
+    return step_index.gather(-1, indices.expand(ly, h, indices.shape[-1]))
+
+
+def _rerotate_contiguous(model, cache, layout, step_index, indices, n_past) -> None:
+    """Move kept keys from their current positions to 0..k-1."""
+    n_layers, n_kv, _ = step_index.shape
+    # current position of every slot: past slots sit at 0..n_past-1, new rows right after
+    current = torch.arange(layout.n_slots).expand(n_layers, n_kv, -1)
+    old = current.gather(-1, indices.expand(n_layers, n_kv, indices.shape[-1]))
+    k = indices.shape[-1]
+    new = torch.arange(k)
+    rotary = model.model.rotary_emb
+    for layer in range(n_layers):
+        keys, values = layer_kv(cache, layer)
+        old_l = old[layer]
+        if bool((old_l == new).all()):
+            continue
+        pos = old_l[0] if bool((old_l == old_l[:1]).all()) else old_l
+        keys = rerotate_keys(keys, pos.to(keys.device), new.to(keys.device), rotary)
+        set_layer_kv(cache, layer, keys, values)
+
+
+def validate_policy(policy: Policy, context_length: int) -> None:
+    """Raise ConfigError for impossible settings before loading any model."""
+    comp = policy.compose()
+    comp.budgeter.validate(context_length)
+    if comp.engine.block_size is not None and comp.engine.block_size < 1:
+        raise ConfigError(f"block_size={comp.engine.block_size} must be >= 1")

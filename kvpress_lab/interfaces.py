@@ -1,0 +1,239 @@
+"""The three plugin kinds (scorer, selector, budgeter) and the data the engine hands them.
+
+The engine runs the model over the context (in one block, or block by block) and, after every
+forward pass, performs one *compression step*. A step's cache holds ``N`` slots per layer and KV
+head. The budgeter decides which slots are protected and which are candidates and how many
+candidates survive; scorers score slots; the selector picks the surviving candidates. The engine
+then keeps ``protected | selected`` and drops everything else, including the question.
+
+Shapes use ``Ly`` for layers and ``H`` for KV heads; any of the two leading dims may be 1, meaning
+"the same for every layer / head". Selection granularity follows from the shapes: ``[1, 1, k]``
+is one index set for the whole model, ``[Ly, 1, k]`` one per layer, ``[Ly, H, k]`` one per head.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "Allocation",
+    "Budgeter",
+    "LayerObservation",
+    "ScoreSource",
+    "Scorer",
+    "Selector",
+    "StepLayout",
+]
+
+
+@attrs.frozen
+class StepLayout:
+    """Where every cache slot of one compression step comes from.
+
+    ``context_index[l, h, i]`` is the context position held by slot ``i`` of layer ``l`` and KV
+    head ``h``; question slots hold ``-1``. Slots ``[0, n_past)`` were carried over from earlier
+    steps, slots ``[n_past, n_past + block_end - block_start)`` are the current block, and the
+    question (if visible) occupies the last ``n_question`` slots.
+    """
+
+    context_length: int
+    block_index: int
+    n_blocks: int
+    block_start: int
+    block_end: int
+    n_past: int
+    n_question: int
+    context_index: torch.Tensor  # [Ly, H, N] long, -1 for question slots
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.context_index.shape[-1])
+
+    @property
+    def is_last_block(self) -> bool:
+        return self.block_index == self.n_blocks - 1
+
+    @property
+    def question_mask(self) -> torch.Tensor:
+        """[Ly, H, N] True on question slots."""
+        return self.context_index < 0
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """[Ly, H, N] True on the current block's slots."""
+        ci = self.context_index
+        return (ci >= self.block_start) & (ci < self.block_end)
+
+    @property
+    def past_mask(self) -> torch.Tensor:
+        """[Ly, H, N] True on slots carried over from earlier steps."""
+        slots = torch.arange(self.n_slots, device=self.context_index.device)
+        return (slots < self.n_past).expand_as(self.context_index)
+
+
+@attrs.frozen
+class Allocation:
+    """A budgeter's decision for one step.
+
+    ``protected`` slots are always kept; ``k`` of the ``candidates`` are kept by the selector;
+    every other slot is dropped. Masks broadcast to ``[Ly, H, N]`` and must give every layer and
+    head the same number of kept slots, so the cache stays a dense tensor.
+    """
+
+    protected: torch.Tensor
+    candidates: torch.Tensor
+    k: int
+
+    @classmethod
+    def keep_all(cls, layout: StepLayout) -> Allocation:
+        """Keep every context slot (drop only the question)."""
+        ctx = ~layout.question_mask
+        return cls(protected=ctx, candidates=torch.zeros_like(ctx), k=0)
+
+
+@attrs.frozen
+class LayerObservation:
+    """What a scorer sees of one attention layer during a forward pass.
+
+    ``hidden`` is the attention layer's input (after its input norm) for the rows of this forward
+    pass; ``cos``/``sin`` are the rotary embeddings of those rows. ``keys`` are the layer's cached
+    keys after this pass (past slots first, then the new rows). Row ``r`` sits in slot
+    ``n_past + r``.
+    """
+
+    layer_idx: int
+    n_layers: int
+    attn: nn.Module
+    hidden: torch.Tensor  # [B, n_rows, hidden_size]
+    cos: torch.Tensor  # [B, n_rows, head_dim]
+    sin: torch.Tensor
+    keys: torch.Tensor  # [B, H, N, head_dim]
+    n_past: int
+    question_rows: slice | None  # rows holding the question, None when it is not visible
+    observation_window: int  # rows to observe when no question is visible
+    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    layout: StepLayout
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.hidden.shape[1])
+
+    def observation_rows(self) -> slice:
+        """The question's rows, or the trailing window of the block when no question is visible."""
+        if self.question_rows is not None:
+            return self.question_rows
+        start = max(0, self.n_rows - self.observation_window)
+        return slice(start, self.n_rows)
+
+    def queries(self, rows: slice) -> torch.Tensor:
+        """Recompute this layer's queries for ``rows``: [B, H_q, r, head_dim], RoPE applied.
+
+        Recomputing from the layer input means no attention-weight tensor is ever needed, so
+        scoring works under SDPA and FlashAttention alike.
+        """
+        attn = self.attn
+        h = self.hidden[:, rows]
+        q = attn.q_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)
+        q, _ = self.apply_rotary(q, q, self.cos[:, rows], self.sin[:, rows])
+        return q
+
+    def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
+        """Softmax attention of ``rows`` over every key they can see, float32.
+
+        Returns [B, H, G, r, N] with ``G`` query heads per KV head; keys are broadcast, never
+        copied per query head. Slots after a row (later rows of this pass) get zero weight.
+        """
+        q = self.queries(rows).float()
+        b, hq, r, d = q.shape
+        h = self.keys.shape[1]
+        q = q.view(b, h, hq // h, r, d)
+        k = self.keys.float().unsqueeze(2)  # [B, H, 1, N, D]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.attn.scaling
+        if causal:
+            n = self.keys.shape[2]
+            row_slot = self.n_past + torch.arange(rows.start, rows.stop, device=logits.device)
+            visible = torch.arange(n, device=logits.device)[None, :] <= row_slot[:, None]
+            logits = logits.masked_fill(~visible, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
+class ScoreSource(ABC):
+    """Lazily computed scores, handed to selectors by the engine."""
+
+    @abstractmethod
+    def scores(self, name: str, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores of scorer ``name`` over all slots, [Ly|1, H|1, N]; only ``candidates`` matter."""
+
+
+class Scorer(ABC):
+    """Gives every candidate slot a score; higher means more worth keeping.
+
+    ``observe`` runs inside the forward pass once per layer and may return a per-layer statistic
+    (kept by the engine, small: at most [H, N]). ``score`` runs after the pass with those
+    statistics and returns scores over all slots, [Ly|1, H|1, N].
+    """
+
+    name: ClassVar[str]
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor | None:
+        return None
+
+    @abstractmethod
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        """Scores over all ``N`` slots. ``cache_keys(layer)`` returns that layer's keys."""
+
+    @property
+    def needs_observation(self) -> bool:
+        """Whether ``observe`` must run; the engine skips the hooks otherwise."""
+        return type(self).observe is not Scorer.observe
+
+
+class Selector(ABC):
+    """Turns scores, candidates and a budget into the kept candidate slots."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
+        """Kept slots, long [Ly|1, H|1, k] with every index a candidate of its row."""
+
+    def scorer_names(self) -> Sequence[str]:
+        """Names of the scorers this selector reads (keys of the policy's scorer mapping)."""
+        return ()
+
+
+class Budgeter(ABC):
+    """Turns context length and settings into budgets and protected sets."""
+
+    name: ClassVar[str]
+
+    def validate(self, context_length: int) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`~kvpress_lab.errors.ConfigError` for impossible settings, before any model work."""
+
+    @abstractmethod
+    def target_tokens(self, context_length: int) -> int:
+        """Context tokens the policy ends with (per layer and head), for fairness reports."""
+
+    @abstractmethod
+    def allocate(self, layout: StepLayout) -> Allocation:
+        """Which slots are protected, which are candidates, and how many candidates to keep."""
+
+
+ScorerMap = Mapping[str, Scorer]

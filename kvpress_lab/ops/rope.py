@@ -1,0 +1,139 @@
+"""Rotary position embedding (RoPE) helpers and key re-rotation.
+
+After a KV cache is compacted, the kept keys still carry the RoPE rotation of their OLD positions.
+Policies that re-assign positions (StreamingLLM, FINCH) move them to NEW positions. RoPE rotations
+compose, R(new) = R(new - old) R(old), so a kept key is rotated by the position delta only; the
+pre-RoPE keys are never needed.
+
+Conventions follow transformers' llama / mistral / qwen2 / qwen3 implementation ("rotate_half":
+the two halves of the head dimension form the rotated pairs).
+
+Exactness: re-rotation is exact only while the model's inverse frequencies ``inv_freq`` do not
+depend on the positions being processed. That holds for the rope types "default", "linear",
+"llama3" and "yarn". "dynamic" (dynamic NTK) recomputes ``inv_freq`` from the sequence length, so
+keys computed at different lengths used different frequencies; :func:`rerotate_keys` refuses it.
+"longrope" switches between a short and a long frequency set depending on whether the forward
+pass reaches ``original_max_position_embeddings``; re-rotation uses the set the module currently
+holds (the one of its most recent forward pass) and is exact when the keys were produced with
+that same set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvpress_lab.errors import ConfigError
+
+__all__ = ["apply_rope", "rerotate_keys", "rotate_half"]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """Map the halves ``(x1, x2)`` of the last dimension to ``(-x2, x1)``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` by RoPE: ``x * cos + rotate_half(x) * sin`` (cos/sin broadcastable to x)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def _rope_type(rotary_emb: torch.nn.Module) -> object:
+    rope_type = getattr(rotary_emb, "rope_type", None)
+    if rope_type is None:
+        params = getattr(getattr(rotary_emb, "config", None), "rope_parameters", None)
+        if isinstance(params, dict):
+            rope_type = params.get("rope_type", params.get("type"))
+    return rope_type
+
+
+def _check_positions(name: str, positions: Tensor, kv_heads: int, n: int) -> None:
+    if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of positions, got {positions!r:.80}")
+    if tuple(positions.shape) not in ((n,), (kv_heads, n)):
+        raise ValueError(
+            f"{name} must have shape [{n}] or [{kv_heads}, {n}] to match keys "
+            f"[batch, {kv_heads}, {n}, head_dim], got {list(positions.shape)}"
+        )
+
+
+def _angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotation angles [..., n, head_dim/2], formed exactly as transformers does (float32)."""
+    return positions.to(torch.float32).unsqueeze(-1) * inv_freq
+
+
+def rerotate_keys(
+    keys: Tensor,
+    old_positions: Tensor,
+    new_positions: Tensor,
+    rotary_emb: torch.nn.Module,
+) -> Tensor:
+    """Move post-RoPE keys from ``old_positions`` to ``new_positions``.
+
+    Args:
+        keys: ``[batch, kv_heads, n, head_dim]`` keys already rotated at ``old_positions``.
+        old_positions, new_positions: integer tensors of shape ``[n]`` (shared by all heads) or
+            ``[kv_heads, n]`` (per head); deltas may be negative.
+        rotary_emb: the model's rotary embedding module (``model.model.rotary_emb``).
+
+    Returns:
+        Keys rotated by ``new - old``, in ``keys.dtype``. The module's ``attention_scaling``
+        (yarn / longrope mscale) is already inside the keys and is not applied again: only a pure
+        rotation is applied.
+
+    The angles are formed from the module's ``inv_freq`` exactly as transformers forms them
+    (float32 product ``position * inv_freq``) for the old and the new positions, and their
+    difference is taken in float64, so the result matches RoPE applied from scratch at the new
+    positions up to float32 rounding of cos/sin, even at positions in the 100k range. The
+    rotation itself is computed in float32. Equal old and new positions return the keys unchanged.
+
+    Raises:
+        ConfigError (a ValueError): dynamic rope types, or a rotary dimension smaller than
+            ``head_dim`` (partial rotary).
+        ValueError: malformed shapes.
+    """
+    if keys.dim() != 4:
+        raise ValueError(
+            f"keys must be [batch, kv_heads, n, head_dim], got shape {list(keys.shape)}"
+        )
+    _, kv_heads, n, head_dim = keys.shape
+    _check_positions("old_positions", old_positions, kv_heads, n)
+    _check_positions("new_positions", new_positions, kv_heads, n)
+
+    rope_type = _rope_type(rotary_emb)
+    type_names = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    if any(isinstance(t, str) and "dynamic" in t for t in type_names):
+        raise ConfigError(
+            f"key re-rotation does not support rope_type {rope_type!r}: dynamic RoPE recomputes "
+            "its frequencies from the sequence length, so a rotation by a position delta is not "
+            "exact. Disable re-rotation for this model or use a static rope type."
+        )
+    inv_freq = getattr(rotary_emb, "inv_freq", None)
+    if not isinstance(inv_freq, Tensor):
+        raise ValueError(
+            f"rotary_emb ({type(rotary_emb).__name__}) has no `inv_freq` tensor; pass the "
+            "model's rotary embedding module (model.model.rotary_emb)"
+        )
+    rotary_dim = 2 * inv_freq.numel()
+    if rotary_dim != head_dim:
+        raise ConfigError(
+            f"key re-rotation needs RoPE over the full head dimension, but the rotary dimension "
+            f"is {rotary_dim} and head_dim is {head_dim} (partial rotary is not supported)"
+        )
+
+    device = keys.device
+    inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32)
+    # float64 for the difference of the two float32 angles; MPS has no float64.
+    diff_dtype = torch.float32 if device.type == "mps" else torch.float64
+    old_angles = _angles(old_positions.to(device), inv_freq)
+    new_angles = _angles(new_positions.to(device), inv_freq)
+    delta = new_angles.to(diff_dtype) - old_angles.to(diff_dtype)  # [n, d/2] or [kv_heads, n, d/2]
+    delta = torch.cat((delta, delta), dim=-1)
+    cos = delta.cos().to(torch.float32)
+    sin = delta.sin().to(torch.float32)
+    if cos.dim() == 2:  # shared by all heads
+        cos, sin = cos[None, None], sin[None, None]
+    else:
+        cos, sin = cos[None], sin[None]
+    return apply_rope(keys.to(torch.float32), cos, sin).to(keys.dtype)

@@ -1,0 +1,155 @@
+"""Policy spec strings: ``NAME`` or ``NAME:param=value,param=value``.
+
+Values are converted to each field's declared type (int, float, bool, str, a Literal's choices,
+or None for optional fields); every mistake is reported naming the parameter, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+import attrs
+
+from kvpress_lab.errors import ConfigError
+from kvpress_lab.policy import Policy
+from kvpress_lab.registry import Registry, default_registry
+
+__all__ = ["describe_parameters", "load_policy", "parse_spec"]
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``NAME:a=1,b=2`` into ``("NAME", {"a": "1", "b": "2"})`` without converting values."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("empty policy spec: give NAME or NAME:param=value,... (e.g. snapkv:keep_ratio=0.25)")
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    params: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(
+                    f"policy spec {spec!r}: {item.strip()!r} is not param=value "
+                    "(write NAME:param=value,param=value)"
+                )
+            if key in params:
+                raise ConfigError(f"policy spec {spec!r}: parameter {key!r} given twice")
+            params[key] = value.strip()
+    return name, params
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(policy: str, field: str, raw: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in _NONE:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(policy, field, raw, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{policy}: bad value {raw!r} for {field!r}")
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == raw:
+                return choice
+        allowed = ", ".join(str(a) for a in args)
+        raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; allowed values: {allowed}")
+    if tp is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; expected true or false")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; expected an integer") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; expected a number") from None
+    if tp is str:
+        return raw
+    raise ConfigError(f"{policy}: parameter {field!r} of type {tp} cannot be set from a spec string")
+
+
+def describe_parameters(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, type, default) for every hyperparameter of an attrs plugin class."""
+    hints = _field_types(cls)
+    out = []
+    for f in attrs.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        out.append((f.name, _type_name(hints.get(f.name, Any)), default))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def load_policy(
+    spec: str | Policy,
+    registry: Registry | None = None,
+    **overrides: Any,
+) -> Policy:
+    """Build a policy from a spec string (or return a policy object as it is).
+
+    ``overrides`` (already typed values, e.g. ``keep_ratio=0.25``) apply on top of the spec, but a
+    parameter written in the spec wins, so ``snapkv:keep_ratio=0.1`` keeps 0.1 in a sweep.
+    """
+    if isinstance(spec, Policy):
+        return attrs.evolve(spec, **overrides) if overrides else spec
+    registry = registry or default_registry()
+    name, raw = parse_spec(spec)
+    cls = registry.policy_class(name)
+    hints = _field_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {k: v for k, v in overrides.items() if k not in raw}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{name} has no parameter {key!r}.{hint} Parameters: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _convert(name, key, value, hints[key])
+    unknown = [k for k in kwargs if k not in fields]
+    if unknown:
+        raise ConfigError(f"{name} has no parameter(s) {unknown}; parameters: {', '.join(sorted(fields))}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # attrs' built-in validators raise these
+        raise ConfigError(f"{name}: {exc}") from None
