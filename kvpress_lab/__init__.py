@@ -10,7 +10,14 @@ Quick use::
 
 from kvpress_lab.engine import RunResult, prefill_and_compress, run, run_segments
 from kvpress_lab.errors import ConfigError, InputError, KvlabError
-from kvpress_lab.interfaces import Allocation, Budgeter, LayerObservation, Scorer, Selector, StepLayout
+from kvpress_lab.interfaces import (
+    Allocation,
+    Budgeter,
+    LayerObservation,
+    Scorer,
+    Selector,
+    StepLayout,
+)
 from kvpress_lab.models import LoadedModel, load_model, wrap_model
 from kvpress_lab.policy import Composition, EngineOptions, Policy
 from kvpress_lab.prompt import build_prompt

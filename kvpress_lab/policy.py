@@ -86,7 +86,9 @@ class Composition:
     selector: Selector
     scorers: Mapping[str, Scorer] = attrs.field(factory=dict)
     engine: EngineOptions = attrs.field(factory=EngineOptions)
-    decode_evictor: Any = None  # optional object with ``start(...)``/``step(...)``; see engine.decode
+    decode_evictor: Any = (
+        None  # optional object with ``start(...)``/``step(...)``; see engine.decode
+    )
 
     def __attrs_post_init__(self) -> None:
         missing = [n for n in self.selector.scorer_names() if n not in self.scorers]

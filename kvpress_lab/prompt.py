@@ -62,4 +62,6 @@ def build_prompt(
         ctx_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
         q_text = sep + question + "\n" + answer_prefix
     q_ids = tokenizer(q_text, add_special_tokens=False)["input_ids"]
-    return PromptSegments(torch.tensor(ctx_ids, dtype=torch.long), torch.tensor(q_ids, dtype=torch.long))
+    return PromptSegments(
+        torch.tensor(ctx_ids, dtype=torch.long), torch.tensor(q_ids, dtype=torch.long)
+    )

@@ -140,7 +140,11 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
             try:
                 classes = list(impl() or [])
             except Exception as exc:
-                problems.append(PluginProblem(info.name, info.distribution, f"{hook_name}() failed: {_describe(exc)}"))
+                problems.append(
+                    PluginProblem(
+                        info.name, info.distribution, f"{hook_name}() failed: {_describe(exc)}"
+                    )
+                )
                 continue
             for cls in classes:
                 problem = _check_component(kind, base, cls)

@@ -29,7 +29,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split ``NAME:a=1,b=2`` into ``("NAME", {"a": "1", "b": "2"})`` without converting values."""
     spec = spec.strip()
     if not spec:
-        raise ConfigError("empty policy spec: give NAME or NAME:param=value,... (e.g. snapkv:keep_ratio=0.25)")
+        raise ConfigError(
+            "empty policy spec: give NAME or NAME:param=value,... (e.g. snapkv:keep_ratio=0.25)"
+        )
     name, _, rest = spec.partition(":")
     name = name.strip()
     params: dict[str, str] = {}
@@ -82,15 +84,21 @@ def _convert(policy: str, field: str, raw: str, tp: Any) -> Any:
         try:
             return int(raw)
         except ValueError:
-            raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; expected an integer") from None
+            raise ConfigError(
+                f"{policy}: parameter {field!r} got {raw!r}; expected an integer"
+            ) from None
     if tp is float:
         try:
             return float(raw)
         except ValueError:
-            raise ConfigError(f"{policy}: parameter {field!r} got {raw!r}; expected a number") from None
+            raise ConfigError(
+                f"{policy}: parameter {field!r} got {raw!r}; expected a number"
+            ) from None
     if tp is str:
         return raw
-    raise ConfigError(f"{policy}: parameter {field!r} of type {tp} cannot be set from a spec string")
+    raise ConfigError(
+        f"{policy}: parameter {field!r} of type {tp} cannot be set from a spec string"
+    )
 
 
 def describe_parameters(cls: type) -> list[tuple[str, str, Any]]:
@@ -146,7 +154,9 @@ def load_policy(
         kwargs[key] = _convert(name, key, value, hints[key])
     unknown = [k for k in kwargs if k not in fields]
     if unknown:
-        raise ConfigError(f"{name} has no parameter(s) {unknown}; parameters: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"{name} has no parameter(s) {unknown}; parameters: {', '.join(sorted(fields))}"
+        )
     try:
         return cls(**kwargs)
     except ConfigError:

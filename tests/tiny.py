@@ -27,7 +27,12 @@ class TinyTokenizer:
 def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, **extra):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    cls = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }[arch]
     kwargs = dict(
         vocab_size=260,
         hidden_size=64,

@@ -36,7 +36,9 @@ def run(
     """
     pol = load_policy(policy)
     segments = build_prompt(lm.tokenizer, context, question, answer_prefix, chat_template)
-    return run_segments(lm, pol, segments, query_agnostic=query_agnostic, max_new_tokens=max_new_tokens)
+    return run_segments(
+        lm, pol, segments, query_agnostic=query_agnostic, max_new_tokens=max_new_tokens
+    )
 
 
 def run_segments(

@@ -47,7 +47,9 @@ class RunResult:
         """[context_tokens] fraction of (layer, KV head) pairs that kept each context token."""
         ly, h, _ = self.kept_indices.shape
         counts = torch.zeros(self.context_tokens)
-        counts.index_add_(0, self.kept_indices.flatten().cpu(), torch.ones(self.kept_indices.numel()))
+        counts.index_add_(
+            0, self.kept_indices.flatten().cpu(), torch.ones(self.kept_indices.numel())
+        )
         return counts / (ly * h)
 
     def to_dict(self, indices: bool = True) -> dict[str, Any]:

@@ -17,10 +17,16 @@ import attrs
 import torch
 from transformers import DynamicCache
 
-from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices, kv_bytes, layer_kv, set_layer_kv
+from kvpress_lab.engine.cache import (
+    gather_slots,
+    keep_mask_to_indices,
+    kv_bytes,
+    layer_kv,
+    set_layer_kv,
+)
 from kvpress_lab.engine.observe import Observer, attention_layers
 from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
-from kvpress_lab.interfaces import Allocation, ScoreSource, Scorer, StepLayout
+from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.ops.rope import rerotate_keys
 from kvpress_lab.policy import Composition, Policy
@@ -137,7 +143,11 @@ def prefill_and_compress(
         allocation = comp.budgeter.allocate(layout)
         _check_allocation(allocation, layout, comp.budgeter.name)
         evicts = _evicts(allocation, layout)
-        used = {n: comp.scorers[n] for n in comp.selector.scorer_names()} if allocation.k > 0 and evicts else {}
+        used = (
+            {n: comp.scorers[n] for n in comp.selector.scorer_names()}
+            if allocation.k > 0 and evicts
+            else {}
+        )
         observer = Observer(
             model,
             list(used.items()),
@@ -174,7 +184,9 @@ def prefill_and_compress(
                 keep = ~layout.question_mask[:1, :1]
             else:
                 source = _Scores(comp.scorers, layout, observer.observed, cache)
-                selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
+                selected = comp.selector.select(
+                    source, allocation.candidates.to(torch.bool), allocation.k
+                )
                 keep = _merge(allocation, selected, layout, comp.selector.name)
             indices = keep_mask_to_indices(keep, comp.budgeter.name)
             gather_slots(cache, indices)
@@ -188,7 +200,9 @@ def prefill_and_compress(
 
     return CompressedContext(
         cache=cache,
-        context_index=context_index[..., : context_index.shape[-1] - (Q if question_logits is not None else 0)],
+        context_index=context_index[
+            ..., : context_index.shape[-1] - (Q if question_logits is not None else 0)
+        ],
         next_position=(int(context_index.shape[-1]) if contiguous else L),
         context_length=L,
         peak_kv_tokens=peak_tokens,
@@ -226,10 +240,14 @@ def _check_allocation(allocation: Allocation, layout: StepLayout, who: str) -> N
         raise PluginError(f"budgeter {who!r} protected question slots; the question is never kept")
     n_cand = int((_broadcast(allocation.candidates, layout) & ~q).sum(-1).min())
     if allocation.k > n_cand:
-        raise PluginError(f"budgeter {who!r} asked to keep {allocation.k} of only {n_cand} candidates")
+        raise PluginError(
+            f"budgeter {who!r} asked to keep {allocation.k} of only {n_cand} candidates"
+        )
 
 
-def _merge(allocation: Allocation, selected: torch.Tensor, layout: StepLayout, who: str) -> torch.Tensor:
+def _merge(
+    allocation: Allocation, selected: torch.Tensor, layout: StepLayout, who: str
+) -> torch.Tensor:
     if selected.dim() != 3 or selected.shape[-1] != allocation.k:
         raise PluginError(
             f"selector {who!r} returned shape {tuple(selected.shape)}; expected [layers|1, kv_heads|1, {allocation.k}]"
