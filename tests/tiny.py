@@ -63,3 +63,32 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", **config)
     cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
     return LoadedModel(model, TinyTokenizer(), f"tiny-{arch}", torch.device("cpu"), torch.float32)
+
+
+def char_tokenizer():
+    """A real (fast, saveable) character-level tokenizer built offline: ids 0-3 are specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0, max_positions: int = 4096):
+    """Save a tiny random model plus a char tokenizer to ``path`` (usable as ``--model path``)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab_size=100, max_position_embeddings=max_positions)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

@@ -56,8 +56,9 @@ def greedy_decode(
         position += n
         if evictor is not None:
             evictor.after_forward(cache)
-    else:
+    else:  # the question is already in the cache
         logits = first_logits
+        position += int(prompt_ids.numel())
     generated: list[int] = []
     for _ in range(max_new_tokens):
         token = int(torch.argmax(logits))

@@ -32,7 +32,7 @@ from kvpress_lab.ops.rope import rerotate_keys
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments
 
-__all__ = ["CompressedContext", "check_fits", "prefill_and_compress"]
+__all__ = ["CompressedContext", "check_fits", "compress_step", "prefill_and_compress"]
 
 
 @attrs.define
@@ -171,28 +171,17 @@ def prefill_and_compress(
         peak_tokens = max(peak_tokens, n_past + n_in)
         peak_bytes = max(peak_bytes, kv_bytes(cache))
 
-        keep_all_context = not evicts
-        last = bi == len(bounds) - 1
-        if keep_all_context and last and Q and not contiguous:
-            # nothing evicted: the question's KV and logits are exactly what re-feeding would give
-            question_logits = out.logits[0, -1]
-            keep = torch.ones(1, 1, layout.n_slots, dtype=torch.bool)
-            indices = keep_mask_to_indices(keep, comp.budgeter.name)
-            context_index = step_index
-        else:
-            if keep_all_context:
-                keep = ~layout.question_mask[:1, :1]
-            else:
-                source = _Scores(comp.scorers, layout, observer.observed, cache)
-                selected = comp.selector.select(
-                    source, allocation.candidates.to(torch.bool), allocation.k
-                )
-                keep = _merge(allocation, selected, layout, comp.selector.name)
-            indices = keep_mask_to_indices(keep, comp.budgeter.name)
-            gather_slots(cache, indices)
-            context_index = _gather_index(step_index, indices)
-            if contiguous:
-                _rerotate_contiguous(model, cache, layout, step_index, indices, n_past)
+        context_index, question_logits = compress_step(
+            model,
+            comp,
+            cache,
+            layout,
+            allocation,
+            evicts,
+            observer.observed,
+            out.logits[0, -1],
+            last=bi == len(bounds) - 1,
+        )
         _sync(device)
         t2 = time.perf_counter()
         prefill_s += (t1 - t0) - observer.seconds
@@ -212,6 +201,40 @@ def prefill_and_compress(
         blocks=len(bounds),
         question_logits=question_logits,
     )
+
+
+def compress_step(
+    model,
+    comp: Composition,
+    cache: DynamicCache,
+    layout: StepLayout,
+    allocation: Allocation,
+    evicts: bool,
+    observed: Mapping[str, list],
+    last_logits: torch.Tensor,
+    last: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One compression step after a forward pass, in place on ``cache``.
+
+    Returns the context index of the kept slots and, when nothing was evicted in the last step
+    (question-aware, original positions), the question's last logits so they can be reused.
+    """
+    contiguous = comp.engine.position_mode == "contiguous"
+    step_index = layout.context_index
+    if not evicts and last and layout.n_question and not contiguous:
+        # nothing evicted: the question's KV and logits are exactly what re-feeding would give
+        return step_index, last_logits
+    if not evicts:
+        keep = ~layout.question_mask[:1, :1]
+    else:
+        source = _Scores(comp.scorers, layout, observed, cache)
+        selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
+        keep = _merge(allocation, selected, layout, comp.selector.name)
+    indices = keep_mask_to_indices(keep, comp.budgeter.name)
+    gather_slots(cache, indices)
+    if contiguous:
+        _rerotate_contiguous(model, cache, layout, step_index, indices, layout.n_past)
+    return _gather_index(step_index, indices), None
 
 
 def _broadcast(mask: torch.Tensor, layout: StepLayout) -> torch.Tensor:

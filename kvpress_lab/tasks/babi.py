@@ -303,7 +303,14 @@ def _random_events(
     return events if len(events) == n_facts else None
 
 
-def _story(task: str, events: Sequence[Event], question: str, answer: str, prefix: str, labels):
+def _story(
+    task: str,
+    events: Sequence[Event],
+    question: str,
+    answer: str,
+    prefix: str,
+    labels: Sequence[str],
+) -> Story:
     return Story(
         task=task,
         facts=tuple(e.render() for e in events),

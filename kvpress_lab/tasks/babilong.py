@@ -14,7 +14,14 @@ import functools
 
 from kvpress_lab.tasks.babi import make_story
 from kvpress_lab.tasks.background import Background, kjv_background
-from kvpress_lab.tasks.base import CountTokens, Sample, fit_length, make_rng, sample_id
+from kvpress_lab.tasks.base import (
+    CountTokens,
+    Sample,
+    SampleGenerator,
+    fit_length,
+    make_rng,
+    sample_id,
+)
 
 _ITEMS_RULE = (
     " If a person took an item in one place and then went to another place, the item is in the "
@@ -113,7 +120,7 @@ def _generate(
     )
 
 
-def babilong_generator(qa: str):
+def babilong_generator(qa: str) -> SampleGenerator:
     """The sample generator of BABILong-style task ``qa`` (``"qa1"`` .. ``"qa5"``)."""
     if qa not in INSTRUCTIONS:
         raise ValueError(f"unknown bAbI task {qa!r}")

@@ -19,10 +19,16 @@ DEFAULT_METRIC = "string_match_part"
 
 
 def _string_list(where: str, name: str, value: object, *, allow_empty: bool) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise InputError(
             f"{where}: field '{name}' must be a list of strings, got {type(value).__name__}"
         )
+    for item in value:
+        if not isinstance(item, str):
+            raise InputError(
+                f"{where}: field '{name}' must be a list of strings, "
+                f"got a list holding {type(item).__name__}"
+            )
     if not allow_empty and not any(v.strip() for v in value):
         raise InputError(f"{where}: field '{name}' must hold at least one non-empty string")
     return tuple(value)

@@ -1,21 +1,10 @@
-"""Helpers for the task tests: a simple token counter and an independent bAbI fact reader."""
+"""Helpers for the task tests: an independent reader and solver of bAbI facts."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-
-
-def count_words(text: str) -> int:
-    """A deterministic stand-in for a tokenizer: whitespace-separated words."""
-    return len(text.split())
-
-
-@pytest.fixture
-def word_count():
-    return count_words
-
 
 _ACT = r"(Mary|John|Daniel|Sandra|Fred|Bill|Jeff)"
 _LOC = r"(bathroom|bedroom|garden|hallway|kitchen|office)"

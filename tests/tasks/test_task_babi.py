@@ -93,7 +93,7 @@ def test_gives_and_relations_answers():
 
 @pytest.mark.parametrize("task", babi.BABI_TASKS)
 def test_generated_stories_are_consistent_and_answerable(task, babi_oracle):
-    seen_questions = set()
+    seen = set()
     for i in range(STORIES_PER_TASK):
         story = make_story(task, random.Random(i))
         simulate(story.events)  # replays without an illegal event
@@ -105,8 +105,9 @@ def test_generated_stories_are_consistent_and_answerable(task, babi_oracle):
         assert babi_oracle.solve(story.question, facts) == {story.answer}, story
         assert story.answer in story.labels
         assert story.answer.lower() not in story.question.lower()
-        seen_questions.add(story.question)
-    assert len(seen_questions) > 10  # the questions vary
+        seen.add((story.question, story.answer))
+    assert len(seen) > 10  # questions and answers vary
+    assert len({answer for _, answer in seen}) >= 3
 
 
 def test_story_is_determined_by_the_generator_state():

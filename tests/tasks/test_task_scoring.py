@@ -117,7 +117,9 @@ def test_babilong_empty_target_is_an_input_error():
 
 
 def _sample(metric: str, answers: tuple[str, ...], **kw) -> Sample:
-    return Sample(task="t", context="c", question="Where is Mary?", answers=answers, metric=metric, **kw)
+    return Sample(
+        task="t", context="c", question="Where is Mary?", answers=answers, metric=metric, **kw
+    )
 
 
 def test_score_dispatches_on_the_metric():

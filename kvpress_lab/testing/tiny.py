@@ -1,0 +1,149 @@
+"""Tiny random models built in-process (no downloads) and character-level tokenizers for them.
+
+The models are randomly initialised, so their answers are meaningless; they exercise every code
+path of the engine (GQA, RoPE, several layers) in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import torch
+
+from kvpress_lab.models import LoadedModel
+
+__all__ = [
+    "ARCHS",
+    "TinyTokenizer",
+    "char_tokenizer",
+    "save_tiny_model",
+    "tiny_config",
+    "tiny_model",
+]
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB_SIZE = 260
+
+
+class TinyTokenizer:
+    """Character tokenizer: one token per character (ids 3..252), BOS 1, EOS 2, no chat template."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [3 + (ord(c) % 250) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, **extra):
+    """A transformers config for a tiny model of architecture ``arch`` (one of :data:`ARCHS`)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }
+    if arch not in classes:
+        raise ValueError(f"arch={arch!r} is not one of {', '.join(ARCHS)}")
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    if arch in ("qwen2", "qwen3"):
+        kwargs["use_sliding_window"] = False
+    kwargs.update(extra)
+    return classes[arch](**kwargs)
+
+
+def _random_model(arch: str, seed: int, attn: str, **config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **config)
+    cfg._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", **config) -> LoadedModel:
+    """A tiny random model with a :class:`TinyTokenizer`, ready for :func:`kvpress_lab.run`.
+
+    >>> from kvpress_lab.testing import tiny_model
+    >>> lm = tiny_model(layers=2, heads=4, kv_heads=2)
+    >>> lm.name
+    'tiny-llama'
+
+    ``config`` overrides the config (``layers``, ``heads``, ``kv_heads`` or any transformers
+    config field); the same ``seed`` gives the same weights.
+    """
+    model = _random_model(arch, seed, attn, **config)
+    return LoadedModel(model, TinyTokenizer(), f"tiny-{arch}", torch.device("cpu"), torch.float32)
+
+
+def char_tokenizer():
+    """A ``transformers`` fast tokenizer with one token per printable ASCII character.
+
+    Built offline with the ``tokenizers`` library (a BPE model without merges, so every character
+    is one token); it adds BOS, decodes without spaces between tokens and can be saved with
+    ``save_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+
+
+def save_tiny_model(
+    path: str | os.PathLike, arch: str = "llama", seed: int = 0, **config
+) -> Path:
+    """Save a tiny random model and :func:`char_tokenizer` to ``path`` and return the path.
+
+    The directory loads like any Hugging Face model directory, so the CLI can use it::
+
+        kvlab run --model PATH --context-file doc.txt --question "..."
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _random_model(arch, seed, "sdpa", **config)
+    model.save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return out
