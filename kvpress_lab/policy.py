@@ -86,9 +86,9 @@ class Composition:
     selector: Selector
     scorers: Mapping[str, Scorer] = attrs.field(factory=dict)
     engine: EngineOptions = attrs.field(factory=EngineOptions)
-    decode_evictor: Any = (
-        None  # optional object with ``start(...)``/``step(...)``; see engine.decode
-    )
+    # optional: ``start(lm, state)`` returns an object with ``after_forward(cache)`` (called after
+    # every decode forward pass) and optionally ``close()`` (called when decoding ends)
+    decode_evictor: Any = None
 
     def __attrs_post_init__(self) -> None:
         missing = [n for n in self.selector.scorer_names() if n not in self.scorers]

@@ -135,15 +135,20 @@ def load_policy(
 
     ``overrides`` (already typed values, e.g. ``keep_ratio=0.25``) apply on top of the spec, but a
     parameter written in the spec wins, so ``snapkv:keep_ratio=0.1`` keeps 0.1 in a sweep.
+    Overrides naming a field the policy does not have, or cannot set (``full``'s fixed
+    ``keep_ratio``), are skipped.
     """
     if isinstance(spec, Policy):
+        settable = {f.name for f in attrs.fields(type(spec)) if f.init}
+        overrides = {k: v for k, v in overrides.items() if k in settable}
         return attrs.evolve(spec, **overrides) if overrides else spec
     registry = registry or default_registry()
     name, raw = parse_spec(spec)
     cls = registry.policy_class(name)
     hints = _field_types(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {k: v for k, v in overrides.items() if k not in raw}
+    # overrides are sweep settings: a policy without such a (settable) field ignores them
+    kwargs: dict[str, Any] = {k: v for k, v in overrides.items() if k not in raw and k in fields}
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)

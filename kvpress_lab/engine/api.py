@@ -9,13 +9,13 @@ import torch
 from kvpress_lab.engine.cache import kv_bytes
 from kvpress_lab.engine.decode import greedy_decode, stop_token_ids
 from kvpress_lab.engine.result import RunResult
-from kvpress_lab.engine.runner import check_fits, prefill_and_compress
+from kvpress_lab.engine.runner import CompressedContext, check_fits, prefill_and_compress
 from kvpress_lab.models import LoadedModel
-from kvpress_lab.policy import Policy
+from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments, build_prompt
 from kvpress_lab.spec import load_policy
 
-__all__ = ["run", "run_segments"]
+__all__ = ["answer_compressed", "run", "run_segments"]
 
 
 def run(
@@ -53,6 +53,28 @@ def run_segments(
     check_fits(lm, segments, max_new_tokens)
     comp = policy.compose()
     state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
+    return answer_compressed(
+        lm,
+        policy,
+        comp,
+        segments,
+        state,
+        query_agnostic=query_agnostic,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def answer_compressed(
+    lm: LoadedModel,
+    policy: Policy,
+    comp: Composition,
+    segments: PromptSegments,
+    state: CompressedContext,
+    *,
+    query_agnostic: bool,
+    max_new_tokens: int,
+) -> RunResult:
+    """Answer the question over an already compressed context and collect the result."""
     held = state.cache.get_seq_length()
     per_token = kv_bytes(state.cache) / max(1, held)
     kept_bytes = int(round(per_token * state.kept_tokens))
@@ -61,16 +83,22 @@ def run_segments(
         torch.cuda.synchronize(lm.device)
     t0 = time.perf_counter()
     evictor = comp.decode_evictor.start(lm, state) if comp.decode_evictor is not None else None
-    answer_ids = greedy_decode(
-        lm.model,
-        state.cache,
-        segments.question_ids,
-        state.next_position,
-        max_new_tokens,
-        stop_token_ids(lm.model, lm.tokenizer),
-        first_logits=state.question_logits,
-        evictor=evictor,
-    )
+    try:
+        answer_ids = greedy_decode(
+            lm.model,
+            state.cache,
+            segments.question_ids,
+            state.next_position,
+            max_new_tokens,
+            stop_token_ids(lm.model, lm.tokenizer),
+            first_logits=state.question_logits,
+            evictor=evictor,
+        )
+    finally:
+        # evictors may hold resources for the answer (H2O's attention hooks): release them
+        close = getattr(evictor, "close", None)
+        if close is not None:
+            close()
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     decode_s = time.perf_counter() - t0

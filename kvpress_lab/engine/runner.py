@@ -226,6 +226,10 @@ def compress_step(
         return step_index, last_logits
     if not evicts:
         keep = ~layout.question_mask[:1, :1]
+    elif allocation.k == 0:
+        # everything kept is protected: no scores were observed and none are needed
+        selected = torch.empty(1, 1, 0, dtype=torch.long)
+        keep = _merge(allocation, selected, layout, comp.selector.name)
     else:
         source = _Scores(comp.scorers, layout, observed, cache)
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)

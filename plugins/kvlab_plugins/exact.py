@@ -1,0 +1,60 @@
+"""The ``exact`` scorer: LASER-KV's global attention consensus.
+
+LASER-KV (Sood, Sharma, Agrawal, arXiv 2602.02199) scores every key ``j`` by the attention all
+question tokens pay it, summed over every layer and every query head::
+
+    s_j = sum_layers sum_query_heads sum_question_tokens softmax(q . K / sqrt(d))_j
+
+with the softmax over every key the question token can see (past + block + earlier question
+tokens, causal), accumulated in float32. Queries are recomputed from each layer's input (q_proj,
+q_norm where present, RoPE at the question's positions) by
+:meth:`~kvpress_lab.interfaces.LayerObservation.attention`, so the model can run under SDPA or
+FlashAttention; only a (question x visible keys) block is formed per layer and GQA keys are
+broadcast, never copied. The score is one global vector: selection is shared by every layer and
+every KV head. When the question is not visible (query-agnostic protocol) the block's trailing
+observation window stands in for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpress_lab.hookspecs import hookimpl
+from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+
+__all__ = ["ExactScorer"]
+
+
+@attrs.define(kw_only=True)
+class ExactScorer(Scorer):
+    """Attention mass from the question rows, summed over layers, heads and rows: [1, 1, N]."""
+
+    name: ClassVar[str] = "exact"
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        attn = obs.attention(obs.observation_rows())  # [B, H_kv, G, r, N] float32
+        return attn.sum(dim=(0, 2, 3))  # [H_kv, N]
+
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        per_layer = [o for o in observed if o is not None]
+        if not per_layer:
+            raise RuntimeError("exact scorer: no layer was observed during the forward pass")
+        total = per_layer[0].sum(dim=0)
+        for o in per_layer[1:]:
+            total = total + o.sum(dim=0).to(total.device)
+        return total.view(1, 1, -1)
+
+
+@hookimpl
+def kvlab_scorers() -> list[type]:
+    return [ExactScorer]

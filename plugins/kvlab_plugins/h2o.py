@@ -1,0 +1,247 @@
+"""H2O: heavy hitters by accumulated attention, plus a recent window.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models", NeurIPS 2023 (official code: FMInference/H2O). The score of key ``j`` is the SUM over
+every prompt query ``i >= j`` of its causal softmax weight on ``j`` (a sum, not a mean, so early
+keys collect more votes, as in the official code). Under GQA the scores of the query heads that
+share a KV head are summed as well (the same sum, extended to the group). Each KV head keeps the
+most recent ``C * recent_fraction`` context tokens (official ``recent_ratio == heavy_ratio``:
+half) and the best-scored rest.
+
+The official "real drop" cache compresses once at the end of prefill and then evicts one token per
+generated token, so the cache stays at ``C``. ``decode_eviction=True`` is that faithful variant:
+a decode evictor keeps accumulating the attention the question and generated tokens pay to every
+cached key and evicts the lowest-scored non-recent key after every forward pass. It is off by
+default so that every policy answers from the same cache size as the others. In the engine's
+question-aware protocol the question is fed twice (during prefill, then again to answer), so with
+decode eviction its attention is accumulated twice; this only adds the same question's votes
+once more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import torch
+
+from kvlab_plugins.sink_window import SinkWindowBudgeter
+from kvlab_plugins.topk import TopKSelector
+from kvpress_lab.engine.cache import gather_slots
+from kvpress_lab.engine.observe import attention_layers, rotary_function
+from kvpress_lab.errors import ConfigError
+from kvpress_lab.hookspecs import hookimpl
+from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+from kvpress_lab.policy import Composition, Policy, positive_int
+
+
+def _recent_fraction(instance, attribute, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ConfigError(
+            f"{attribute.name}={value!r} is invalid: it must be a number in [0, 1], the share of "
+            "the budget given to the most recent tokens (H2O: 0.5)"
+        )
+
+
+def accumulated_attention(obs: Any, query_block: int) -> torch.Tensor:
+    """Sum of causal softmax attention over all rows of the pass and the query heads of each KV
+    head: [H, N] float32. Rows are processed ``query_block`` at a time, so at most
+    ``[H, G, query_block, N]`` attention weights exist at once.
+    """
+    total = None
+    for r0 in range(0, obs.n_rows, query_block):
+        attn = obs.attention(slice(r0, min(obs.n_rows, r0 + query_block)))  # [B, H, G, r, N]
+        part = attn.sum(dim=(0, 2, 3))
+        total = part if total is None else total + part
+    return total
+
+
+def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
+    """Slots kept by H2O per head: [H, budget], sorted.
+
+    ``scores`` [H, n]: keep the last ``recent`` slots and the ``budget - recent`` best-scored of
+    the others.
+    """
+    h, n = scores.shape
+    if n <= budget:
+        return torch.arange(n).expand(h, n)
+    recent = min(recent, budget)
+    heavy = budget - recent
+    older = scores[:, : n - recent]
+    top = older.topk(heavy, dim=-1).indices if heavy else older.new_empty(h, 0, dtype=torch.long)
+    keep = torch.cat([top.cpu(), torch.arange(n - recent, n).expand(h, recent)], dim=-1)
+    return keep.sort(dim=-1).values
+
+
+@attrs.define(kw_only=True)
+class H2OScorer(Scorer):
+    """Accumulated causal attention of every row of the pass, per KV head."""
+
+    name: ClassVar[str] = "h2o"
+    query_block: int = attrs.field(default=256, validator=positive_int)
+    # (context_index, scores) of the last step that was scored; read by the decode evictor
+    last: tuple[torch.Tensor, torch.Tensor] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        return accumulated_attention(obs, self.query_block)
+
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        scores = torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+        self.last = (layout.context_index, scores)
+        return scores
+
+    def kept_scores(self, context_index: torch.Tensor) -> torch.Tensor:
+        """Prefill scores of the kept slots ``context_index`` [Ly, H, k] (zeros if unscored)."""
+        if self.last is None:
+            return torch.zeros(context_index.shape, dtype=torch.float32)
+        step_index, scores = self.last
+        length = int(max(int(step_index.max()), int(context_index.max()))) + 1
+        table = torch.zeros(*scores.shape[:2], length + 1, dtype=scores.dtype)
+        slot = torch.where(step_index >= 0, step_index, torch.full_like(step_index, length))
+        table.scatter_(-1, slot.expand_as(scores), scores)
+        return table.gather(-1, context_index)
+
+
+class H2OEviction:
+    """Decode-time H2O for one answer: accumulate attention, evict down to the budget.
+
+    Registers one forward hook per attention layer (removed by :meth:`close`) that adds the
+    attention of the new rows to every cached key's score; :meth:`after_forward` then keeps, per
+    layer and KV head, the ``recent`` latest slots and the best-scored others.
+    """
+
+    def __init__(
+        self, model, scores: list[torch.Tensor], budget: int, recent: int, query_block: int
+    ) -> None:
+        self.scores = scores  # per layer [H, n_slots]
+        self.budget, self.recent, self.query_block = budget, recent, query_block
+        layers = attention_layers(model)
+        self._handles = [
+            attn.register_forward_hook(self._hook(i, len(layers)), with_kwargs=True)
+            for i, attn in enumerate(layers)
+        ]
+
+    def _hook(self, layer_idx: int, n_layers: int):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            keys = kwargs["past_key_values"].layers[layer_idx].keys
+            n_rows = int(hidden.shape[1])
+            obs = LayerObservation(
+                layer_idx=layer_idx,
+                n_layers=n_layers,
+                attn=module,
+                hidden=hidden,
+                cos=cos,
+                sin=sin,
+                keys=keys,
+                n_past=int(keys.shape[2]) - n_rows,
+                question_rows=None,
+                observation_window=n_rows,
+                apply_rotary=rotary_function(module),
+                layout=None,
+            )
+            with torch.no_grad():
+                new = accumulated_attention(obs, self.query_block).cpu()
+            old = self.scores[layer_idx]
+            new[:, : old.shape[-1]] += old
+            self.scores[layer_idx] = new
+
+        return hook
+
+    def after_forward(self, cache) -> None:
+        for layer in range(len(cache.layers)):
+            n = int(cache.layers[layer].keys.shape[2])
+            if n <= self.budget:
+                continue
+            keep = h2o_keep(self.scores[layer][:, :n], self.budget, self.recent)  # [H, C]
+            self.scores[layer] = self.scores[layer].gather(-1, keep)
+            one = _LayerView(cache, layer)
+            gather_slots(one, keep[None])
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _LayerView:
+    """A one-layer view of a cache, so engine.cache.gather_slots can compact a single layer."""
+
+    def __init__(self, cache, layer: int) -> None:
+        self.layers = [cache.layers[layer]]
+
+
+@attrs.define(kw_only=True)
+class H2ODecodeEvictor:
+    """Starts an :class:`H2OEviction` over the compressed cache, seeded with prefill scores."""
+
+    scorer: H2OScorer
+    recent_fraction: float = 0.5
+    query_block: int = 256
+
+    def start(self, lm, state) -> H2OEviction:
+        cache = state.cache
+        scores = self.scorer.kept_scores(state.context_index)  # [Ly, H, k]
+        per_layer = []
+        for layer in range(scores.shape[0]):
+            n = int(cache.layers[layer].keys.shape[2])
+            s = scores[layer]
+            if n > s.shape[-1]:  # question slots kept (nothing was evicted): no votes yet
+                s = torch.cat([s, s.new_zeros(s.shape[0], n - s.shape[-1])], dim=-1)
+            per_layer.append(s.clone())
+        budget = state.kept_tokens
+        recent = int(budget * self.recent_fraction)
+        return H2OEviction(lm.model, per_layer, budget, recent, self.query_block)
+
+
+@attrs.define(kw_only=True)
+class H2OPolicy(Policy):
+    """H2O: heavy hitters + recent window, per KV head, one-shot after prefill.
+
+    ``decode_eviction=True`` is the faithful variant (cache held at ``C`` while decoding).
+    """
+
+    name: ClassVar[str] = "h2o"
+    recent_fraction: float = attrs.field(default=0.5, validator=_recent_fraction)
+    decode_eviction: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    query_block: int = attrs.field(default=256, validator=positive_int)
+
+    def compose(self) -> Composition:
+        scorer = H2OScorer(query_block=self.query_block)
+        evictor = (
+            H2ODecodeEvictor(
+                scorer=scorer, recent_fraction=self.recent_fraction, query_block=self.query_block
+            )
+            if self.decode_eviction
+            else None
+        )
+        return Composition(
+            budgeter=SinkWindowBudgeter(
+                keep_ratio=self.keep_ratio,
+                budget=self.budget,
+                window_fraction=self.recent_fraction,
+            ),
+            scorers={"main": scorer},
+            selector=TopKSelector(scorer="main", granularity="head"),
+            decode_evictor=evictor,
+        )
+
+
+@hookimpl
+def kvlab_scorers() -> list[type]:
+    return [H2OScorer]
+
+
+@hookimpl
+def kvlab_policies() -> list[type]:
+    return [H2OPolicy]

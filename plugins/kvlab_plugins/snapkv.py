@@ -1,0 +1,140 @@
+"""SnapKV: keep the keys the last prompt rows attend to, pooled along the sequence.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024
+(official code: FasterDecoding/SnapKV). The trailing ``window`` rows of the prompt (the question,
+when it is appended) vote for earlier keys with their softmax attention; the votes are summed over
+the window, smoothed by a 1-D pooling along the sequence and, under GQA, averaged over the query
+heads sharing a KV head. Each KV head keeps its own top keys before the window plus the context
+tokens inside the window.
+
+Defaults follow the paper's LongBench configuration (window 32, kernel 7, max pooling).
+``window=64,kernel=5,pooling=avg`` reproduces NVIDIA kvpress's ``SnapKVPress`` index for index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from kvlab_plugins.observation_window import ObservationWindowBudgeter
+from kvlab_plugins.topk import TopKSelector
+from kvpress_lab.errors import ConfigError
+from kvpress_lab.hookspecs import hookimpl
+from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+from kvpress_lab.policy import Composition, EngineOptions, Policy, positive_int
+
+Pooling = Literal["max", "avg"]
+Aggregation = Literal["sum", "mean"]
+
+
+def _odd_kernel(instance, attribute, value) -> None:
+    positive_int(instance, attribute, value)
+    if value % 2 == 0:
+        raise ConfigError(
+            f"{attribute.name}={value!r} is invalid: the pooling kernel must be an odd integer "
+            "(padding kernel//2 keeps the sequence length only for odd kernels), e.g. 5 or 7"
+        )
+
+
+def snapkv_window_scores(
+    attn: torch.Tensor, kernel: int, pooling: Pooling, aggregation: Aggregation
+) -> torch.Tensor:
+    """SnapKV scores from the window's attention.
+
+    Args:
+        attn: [B, H, G, w, N] softmax attention of the ``w`` window rows over all ``N`` keys
+            (the window rows are the last ``w`` slots).
+    Returns:
+        [H, N] float32: pooled, group-averaged votes on the ``N - w`` keys before the window,
+        zero on the window's own slots (the budgeter protects or drops those).
+    """
+    b, h, g, w, n = attn.shape
+    n_pre = n - w
+    out = torch.zeros(h, n, dtype=torch.float32, device=attn.device)
+    if n_pre <= 0:
+        return out
+    votes = attn[..., :n_pre].float()
+    votes = votes.sum(dim=-2) if aggregation == "sum" else votes.mean(dim=-2)  # [B, H, G, n_pre]
+    votes = votes.sum(dim=0).reshape(h * g, 1, n_pre)
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(votes, kernel_size=kernel, stride=1, padding=kernel // 2)
+    # GQA: one score per KV head, the mean over its query heads (kvpress; SnapKV issue #22)
+    out[:, :n_pre] = pooled.reshape(h, g, n_pre).mean(dim=1)
+    return out
+
+
+@attrs.define(kw_only=True)
+class SnapKVScorer(Scorer):
+    """Window-attention votes, pooled along the sequence; one score row per KV head."""
+
+    name: ClassVar[str] = "snapkv_window"
+    window: int = attrs.field(default=32, validator=positive_int)
+    kernel: int = attrs.field(default=7, validator=_odd_kernel)
+    pooling: Pooling = attrs.field(default="max", validator=attrs.validators.in_(("max", "avg")))
+    aggregation: Aggregation = attrs.field(
+        default="sum", validator=attrs.validators.in_(("sum", "mean"))
+    )
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        # the last `window` rows of the forward input: the question when it is appended,
+        # the trailing context rows under the query-agnostic protocol
+        rows = slice(max(0, obs.n_rows - self.window), obs.n_rows)
+        attn = obs.attention(rows)  # causal inside the window, float32
+        return snapkv_window_scores(attn, self.kernel, self.pooling, self.aggregation)
+
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        return torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+
+
+@attrs.define(kw_only=True)
+class SnapKVPolicy(Policy):
+    """SnapKV, one-shot after prefill, per KV head, original positions.
+
+    The budget counts the context tokens that fall inside the observation window (protected), so
+    at one keep_ratio SnapKV keeps exactly as many context tokens as every other policy.
+    """
+
+    name: ClassVar[str] = "snapkv"
+    window: int = attrs.field(default=32, validator=positive_int)
+    kernel: int = attrs.field(default=7, validator=_odd_kernel)
+    pooling: Pooling = attrs.field(default="max", validator=attrs.validators.in_(("max", "avg")))
+    aggregation: Aggregation = attrs.field(
+        default="sum", validator=attrs.validators.in_(("sum", "mean"))
+    )
+
+    def compose(self) -> Composition:
+        return Composition(
+            budgeter=ObservationWindowBudgeter(
+                keep_ratio=self.keep_ratio, budget=self.budget, window=self.window
+            ),
+            scorers={
+                "main": SnapKVScorer(
+                    window=self.window,
+                    kernel=self.kernel,
+                    pooling=self.pooling,
+                    aggregation=self.aggregation,
+                )
+            },
+            selector=TopKSelector(scorer="main", granularity="head"),
+            engine=EngineOptions(observation_window=self.window),
+        )
+
+
+@hookimpl
+def kvlab_scorers() -> list[type]:
+    return [SnapKVScorer]
+
+
+@hookimpl
+def kvlab_policies() -> list[type]:
+    return [SnapKVPolicy]

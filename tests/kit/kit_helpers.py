@@ -1,0 +1,30 @@
+"""Helpers for tests that install a plugin distribution into a private directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pip_install_target(project: Path, target: Path) -> None:
+    """``pip install --no-deps --target target project`` (no network needed: setuptools is local)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(project)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def run_with_path(args: list[str], site: Path, cwd: Path, timeout: int = 600):
+    """Run ``args`` with ``site`` first on PYTHONPATH, as an installed plugin would be seen."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)

@@ -1,0 +1,243 @@
+"""LASER-KV budget arithmetic, allocation masks and configuration errors (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab_plugins.accumulative import AccumulativeBudgeter
+from kvlab_plugins.laserkv import LaserKVPolicy
+from kvpress_lab.errors import ConfigError
+from kvpress_lab.interfaces import StepLayout
+from kvpress_lab.spec import load_policy
+
+
+@pytest.mark.parametrize(
+    ("L", "S", "r", "mode", "expected"),
+    [
+        # accumulate: B = floor(2 r S L / (S + L)); a = w = B // 4; G = B - 2 (B // 4)
+        # 2 * 0.25 * 32 * 96 / 128 = 1536 / 128 = 12 -> a = w = 3, G = 6
+        (96, 32, 0.25, "accumulate", (12, 3, 3, 6, False)),
+        # 2 * 0.25 * 4096 * 16384 / 20480 = 33554432 / 20480 = 1638.4 -> 1638; a = w = 409,
+        # G = 1638 - 818 = 820
+        (16384, 4096, 0.25, "accumulate", (1638, 409, 409, 820, False)),
+        # 2 * 0.1 * 2048 * 8000 / 10048 = 3276800 / 10048 = 326.11 -> 326; a = w = 81, G = 164
+        (8000, 2048, 0.1, "accumulate", (326, 81, 81, 164, False)),
+        # 2 * 0.75 * 4096 * 1000 / 5096 = 6144000 / 5096 = 1205.65 -> 1205 >= L = 1000:
+        # short context, nothing compressed (a = w = 301, G = 1205 - 602 = 603)
+        (1000, 4096, 0.75, "accumulate", (1205, 301, 301, 603, True)),
+        # recursive: B = floor(r L) = floor(0.25 * 96) = 24; a = w = 6, G = 12
+        (96, 32, 0.25, "recursive", (24, 6, 6, 12, False)),
+        # keep_ratio 1 keeps everything although 2 * 1 * 32 * 96 / 128 = 48 < 96
+        (96, 32, 1.0, "accumulate", (48, 12, 12, 24, True)),
+    ],
+)
+def test_block_budget_table(L, S, r, mode, expected):
+    bb = AccumulativeBudgeter(keep_ratio=r, block_size=S, mode=mode).block_budget(L)
+    assert (bb.per_block, bb.anchors, bb.window, bb.pool, bb.keep_all) == expected
+
+
+def test_divisor_changes_the_split():
+    # B = 12 as above; n = 3: a = w = 4, G = 12 - 8 = 4
+    bb = AccumulativeBudgeter(keep_ratio=0.25, block_size=32, protection_divisor=3).block_budget(96)
+    assert (bb.anchors, bb.window, bb.pool) == (4, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("L", "S", "r", "mode", "lookback", "kept"),
+    [
+        # 3 full blocks: anchors 3 + 3 blocks * G 6 + final tail 3 = 24 = r L exactly
+        (96, 32, 0.25, "accumulate", True, 24),
+        # without look-back the count is the same: every block still adds G, final tail kept
+        (96, 32, 0.25, "accumulate", False, 24),
+        # L = 136, S = 32: 2 * 0.25 * 32 * 136 / 168 = 2176 / 168 = 12.95 -> B = 12,
+        # a = w = 3, G = 6; 5 blocks (last holds 8). G in every block would give
+        # 3 + 5 * 6 + 3 = 36; the last block tops up to floor(0.25 * 136) = 34 instead:
+        # protected before it 3 + 4 * 6 + its tail 3 = 30 -> k = 4 of its 3 + 5 candidates
+        (136, 32, 0.25, "accumulate", True, 34),
+        # without look-back: last block candidates 8 - 3 = 5, k = 34 - 30 = 4 -> 34 as well
+        (136, 32, 0.25, "accumulate", False, 34),
+        # recursive, L = 200, S = 48, r = 0.3: B = 60, a = w = 15, G = 30; the last block
+        # [192, 200) protects 15 + 8 and tops up to 60 with k = 37 (G alone would end at 53)
+        (200, 48, 0.3, "recursive", True, 60),
+        # recursive: the cache is rebuilt to B = floor(0.25 * 96) = 24
+        (96, 32, 0.25, "recursive", True, 24),
+        # short context / keep_ratio 1: everything
+        (1000, 4096, 0.75, "accumulate", True, 1000),
+        (96, 32, 1.0, "accumulate", True, 96),
+    ],
+)
+def test_target_tokens(L, S, r, mode, lookback, kept):
+    budgeter = AccumulativeBudgeter(keep_ratio=r, block_size=S, mode=mode, lookback=lookback)
+    assert budgeter.target_tokens(L) == kept
+
+
+def test_final_count_close_to_keep_ratio_for_long_contexts():
+    # B (S + L) / (2 S) = r L when L is a multiple of S: 32768 / 4096 = 8 blocks,
+    # B = floor(2*0.25*4096*32768/36864) = floor(1820.44) = 1820, a = w = 455, G = 910;
+    # G in every block: 455 + 8*910 + 455 = 8190; the last block takes G + 2 -> r L = 8192
+    assert AccumulativeBudgeter(keep_ratio=0.25).target_tokens(32768) == 8192
+    # L = 4850, S = 4096: B = floor(2*0.25*4096*4850/8946) = floor(1110.3) = 1110, a = w = 277,
+    # G = 556; G in both blocks would keep 277 + 556 + 556 + 277 = 1666 (34 %); the last block
+    # tops up to floor(0.25 * 4850) = 1212 (k = 1212 - 277 - 556 - 277 = 102)
+    assert AccumulativeBudgeter(keep_ratio=0.25).target_tokens(4850) == 1212
+
+
+def test_budget_tokens_act_as_a_ratio():
+    # budget = 24 of L = 96 is r = 0.25: same B, same count as keep_ratio=0.25
+    by_budget = AccumulativeBudgeter(keep_ratio=None, budget=24, block_size=32)
+    assert by_budget.block_budget(96).per_block == 12
+    assert by_budget.target_tokens(96) == 24
+    assert AccumulativeBudgeter(keep_ratio=None, budget=500, block_size=32).target_tokens(96) == 96
+
+
+def _layout(past: list[int], b0: int, b1: int, L: int, q: int = 2, bi: int = 1, nb: int = 3):
+    index = torch.tensor(past + list(range(b0, b1)) + [-1] * q).view(1, 1, -1)
+    return StepLayout(
+        context_length=L,
+        block_index=bi,
+        n_blocks=nb,
+        block_start=b0,
+        block_end=b1,
+        n_past=len(past),
+        n_question=q,
+        context_index=index,
+    )
+
+
+def _positions(layout, mask):
+    return layout.context_index[0, 0][mask.expand_as(layout.context_index)[0, 0]].tolist()
+
+
+def test_allocation_masks_accumulate_with_lookback():
+    # L = 96, S = 32, r = 0.25: a = w = 3, G = 6. Block 1 = [32, 64); A = {0..8}, T = {29, 30, 31}
+    budgeter = AccumulativeBudgeter(keep_ratio=0.25, block_size=32)
+    layout = _layout(list(range(9)) + [29, 30, 31], 32, 64, 96)
+    alloc = budgeter.allocate(layout)
+    assert _positions(layout, alloc.protected) == list(range(9)) + [61, 62, 63]
+    assert _positions(layout, alloc.candidates) == [29, 30, 31] + list(range(32, 61))
+    assert alloc.k == 6
+
+
+def test_allocation_masks_accumulate_without_lookback():
+    budgeter = AccumulativeBudgeter(keep_ratio=0.25, block_size=32, lookback=False)
+    layout = _layout(list(range(9)) + list(range(32, 38)), 64, 96, 96, bi=1, nb=3)
+    alloc = budgeter.allocate(layout)
+    # not the last block: its tail 93..95 is neither protected nor a candidate (dropped)
+    assert _positions(layout, alloc.protected) == list(range(9)) + list(range(32, 38))
+    assert _positions(layout, alloc.candidates) == list(range(64, 93))
+    last = _layout(list(range(9)) + list(range(32, 38)), 64, 96, 96, bi=2, nb=3)
+    alloc = budgeter.allocate(last)
+    assert _positions(last, alloc.protected) == list(range(9)) + list(range(32, 38)) + [93, 94, 95]
+
+
+def test_allocation_masks_recursive():
+    # recursive, B = 24, a = w = 6, G = 12; past = anchors 0..5, selected 6..17, tail 26..31
+    budgeter = AccumulativeBudgeter(keep_ratio=0.25, block_size=32, mode="recursive")
+    past = list(range(18)) + list(range(26, 32))
+    layout = _layout(past, 32, 64, 96)
+    alloc = budgeter.allocate(layout)
+    assert _positions(layout, alloc.protected) == list(range(6)) + list(range(58, 64))
+    assert _positions(layout, alloc.candidates) == list(range(6, 18)) + list(range(26, 58))
+    assert alloc.k == 12
+
+
+def test_final_block_not_longer_than_window_keeps_previous_tail_as_candidates():
+    # L = 66, S = 32, r = 0.3: B = floor(2*0.3*32*66/98 = 12.93) = 12, a = w = 3, G = 6.
+    # A = {0..8, 29..34}, T = {61, 62, 63}; the final block [64, 66) is all tail. T must still
+    # be offered (the reference skipped selection when the block had no candidates of its own
+    # and dropped T): k = min(3, floor(0.3 * 66) - 17 protected) = min(3, 19 - 17) = 2.
+    budgeter = AccumulativeBudgeter(keep_ratio=0.3, block_size=32)
+    layout = _layout(list(range(9)) + list(range(29, 35)) + [61, 62, 63], 64, 66, 66, bi=2, nb=3)
+    alloc = budgeter.allocate(layout)
+    assert _positions(layout, alloc.candidates) == [61, 62, 63]
+    assert alloc.k == 2
+    assert _positions(layout, alloc.protected) == list(range(9)) + list(range(29, 35)) + [64, 65]
+    assert budgeter.target_tokens(66) == 19
+
+
+def test_keep_ratio_one_protects_every_context_slot():
+    budgeter = AccumulativeBudgeter(keep_ratio=1.0, block_size=32)
+    layout = _layout(list(range(40)), 40, 72, 200)
+    alloc = budgeter.allocate(layout)
+    assert _positions(layout, alloc.protected) == list(range(72))
+    assert alloc.k == 0 and not bool(alloc.candidates.any())
+
+
+# ---- configuration errors, raised before any model work ---------------------------------------
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("laserkv:protection_divisor=1", "protection_divisor=1 is invalid"),
+        ("laserkv:protection_divisor=0", "protection_divisor=0 is invalid"),
+        ("laserkv:block_size=0", "block_size=0 is invalid"),
+        ("laserkv:keep_ratio=0", "keep_ratio=0.0 is invalid"),
+        ("laserkv:keep_ratio=1.5", "keep_ratio=1.5 is invalid"),
+        ("laserkv:keep_ratio=-0.1", "keep_ratio=-0.1 is invalid"),
+        ("laserkv:alpha=1.2", "alpha=1.2 is invalid"),
+        ("laserkv:lsh_bits=0", "lsh_bits=0 is invalid"),
+        ("laserkv:lsh_mode=sampling", "sampling"),
+        ("laserkv:mode=greedy", "greedy"),
+    ],
+)
+def test_bad_settings_fail_when_the_policy_is_built(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_policy(spec)
+
+
+def test_empty_pool_fails_in_validate_with_the_numbers():
+    # n = 2, B = 12: a = w = 6, G = 12 - 12 = 0
+    budgeter = LaserKVPolicy(keep_ratio=0.25, block_size=32, protection_divisor=2).compose().budgeter
+    with pytest.raises(ConfigError, match=r"B = floor\(2\*r\*S\*L/\(S\+L\)\) = 12.*G = .* = 0 <= 0"):
+        budgeter.validate(96)
+    # tiny ratio: 2 * 0.01 * 4096 * 50 / 4146 = 0.99 -> B = 0, G = 0
+    with pytest.raises(ConfigError, match="keep_ratio=0.01.*L=50"):
+        AccumulativeBudgeter(keep_ratio=0.01).validate(50)
+
+
+def test_empty_pool_is_raised_before_the_model_runs():
+    from kvpress_lab.engine.runner import prefill_and_compress
+    from kvpress_lab.prompt import PromptSegments
+
+    class Exploding:
+        """A model stand-in whose every use fails: validation must come first."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"model touched ({name}) before validation")
+
+    class LM:
+        model = Exploding()
+        device = torch.device("cpu")
+
+    segments = PromptSegments(torch.arange(3, 99), torch.tensor([5, 6]))
+    policy = LaserKVPolicy(keep_ratio=0.25, block_size=32, protection_divisor=2)
+    with pytest.raises(ConfigError, match="G = B - 2\\*\\(B//n\\) = 0"):
+        prefill_and_compress(LM(), policy, segments)
+
+
+def test_spec_string_reaches_every_parameter():
+    policy = load_policy(
+        "laserkv:keep_ratio=0.1,block_size=2048,protection_divisor=5,alpha=0.5,"
+        "lsh_mode=frequency_rank,lsh_vectors=query,lsh_bits=12,lsh_tables=20,seed=7,"
+        "mode=recursive,lookback=false,redistribute=true"
+    )
+    comp = policy.compose()
+    assert comp.engine.block_size == 2048 and comp.engine.position_mode == "original"
+    b = comp.budgeter
+    assert (b.keep_ratio, b.block_size, b.protection_divisor, b.mode, b.lookback) == (
+        0.1,
+        2048,
+        5,
+        "recursive",
+        False,
+    )
+    lsh = comp.scorers["lsh"]
+    assert (lsh.mode, lsh.vectors, lsh.n_bits, lsh.n_tables, lsh.seed) == (
+        "frequency_rank",
+        "query",
+        12,
+        20,
+        7,
+    )
+    assert (comp.selector.alpha, comp.selector.redistribute) == (0.5, True)
+    assert "2602.02199" in (type(policy).__doc__ or "")
