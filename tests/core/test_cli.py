@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvpress_lab.cli.main import main
+from kvpress_lab.models import default_model_path
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -122,7 +123,7 @@ def test_missing_default_model_package_names_install_command(monkeypatch):
 
 @pytest.mark.slow
 def test_default_model_passkey_2k_full(capsys, tmp_path):
-    """Acceptance: the default model answers a ~2k-token passkey prompt with `full`."""
+    """Acceptance: the default model (given as its .gguf file) answers a ~2k-token passkey prompt."""
     haystack = NOISE * 80
     half = len(haystack) // 2
     cut = haystack.index(". ", half) + 2
@@ -130,7 +131,7 @@ def test_default_model_passkey_2k_full(capsys, tmp_path):
     path = tmp_path / "passkey.txt"
     path.write_text(context)
     code, out, err = run_cli(
-        capsys, "run", "--policy", "full", "--context-file", str(path), "--question", "What is the pass key?",
+        capsys, "run", "--policy", "full", "--model", str(default_model_path()), "--context-file", str(path), "--question", "What is the pass key?",
         "--answer-prefix", "The pass key is ", "--max-new-tokens", "8", "--json",
     )
     assert code == 0, err
