@@ -145,7 +145,8 @@ class LayerObservation:
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
-        q, _ = self.apply_rotary(q, q, self.cos[:, rows], self.sin[:, rows])
+        # the model's own RoPE function rotates a key too; hand it one head so that costs nothing
+        q, _ = self.apply_rotary(q, q[:, :1], self.cos[:, rows], self.sin[:, rows])
         return q
 
     def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
@@ -157,9 +158,10 @@ class LayerObservation:
         q = self.queries(rows).float()
         b, hq, r, d = q.shape
         h = self.keys.shape[1]
-        q = q.view(b, h, hq // h, r, d)
-        k = self.keys.float().unsqueeze(2)  # [B, H, 1, N, D]
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.attn.scaling
+        g = hq // h
+        # [B, H, G*r, D] @ [B, H, D, N]: one matmul per KV head, keys never repeated per group
+        logits = torch.matmul(q.reshape(b, h, g * r, d), self.keys.float().transpose(-1, -2))
+        logits = logits.view(b, h, g, r, -1) * self.attn.scaling
         if causal:
             n = self.keys.shape[2]
             row_slot = self.n_past + torch.arange(rows.start, rows.stop, device=logits.device)

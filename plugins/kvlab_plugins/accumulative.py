@@ -146,9 +146,7 @@ class AccumulativeBudgeter(Budgeter):
                 if self.budget is None
                 else f"budget={self.budget} (r={self._ratio(context_length):.4g})"
             )
-            formula = (
-                "B = floor(2*r*S*L/(S+L))" if self.mode == "accumulate" else "B = floor(r*L)"
-            )
+            formula = "B = floor(2*r*S*L/(S+L))" if self.mode == "accumulate" else "B = floor(r*L)"
             raise ConfigError(
                 f"{self.name} budget leaves no selected tokens: {what}, block_size={self.block_size}, "
                 f"protection_divisor={self.protection_divisor}, context L={context_length} tokens "

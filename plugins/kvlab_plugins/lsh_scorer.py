@@ -71,9 +71,7 @@ class LSHScorer(Scorer):
     n_bits: int = attrs.field(default=10, validator=check_bits)
     n_tables: int = attrs.field(default=8, validator=check_tables)
     seed: int = 0
-    _projection: torch.Tensor | None = attrs.field(
-        default=None, init=False, repr=False, eq=False
-    )
+    _projection: torch.Tensor | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def projection(self, dim: int, device: torch.device) -> torch.Tensor:
         """R [dim, K*T], drawn from ``seed`` on first use and reused for the instance's life."""
@@ -103,7 +101,9 @@ class LSHScorer(Scorer):
         n_layers = len(observed)
         query = observed[-1]
         if query is None or query.shape[0] == 0:
-            raise RuntimeError("lsh scorer: the last layer was not observed during the forward pass")
+            raise RuntimeError(
+                "lsh scorer: the last layer was not observed during the forward pass"
+            )
         keys = cache_keys(n_layers - 1)[0].float().mean(dim=0)  # [N, D] post-RoPE, KV-head mean
         device = keys.device
         cand = candidates.to(torch.bool)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvlab_plugins.accumulative import AccumulativeBudgeter
 from kvlab_plugins.laserkv import LaserKVPolicy
+
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import StepLayout
 from kvpress_lab.spec import load_policy
@@ -187,8 +187,12 @@ def test_bad_settings_fail_when_the_policy_is_built(spec, message):
 
 def test_empty_pool_fails_in_validate_with_the_numbers():
     # n = 2, B = 12: a = w = 6, G = 12 - 12 = 0
-    budgeter = LaserKVPolicy(keep_ratio=0.25, block_size=32, protection_divisor=2).compose().budgeter
-    with pytest.raises(ConfigError, match=r"B = floor\(2\*r\*S\*L/\(S\+L\)\) = 12.*G = .* = 0 <= 0"):
+    budgeter = (
+        LaserKVPolicy(keep_ratio=0.25, block_size=32, protection_divisor=2).compose().budgeter
+    )
+    with pytest.raises(
+        ConfigError, match=r"B = floor\(2\*r\*S\*L/\(S\+L\)\) = 12.*G = .* = 0 <= 0"
+    ):
         budgeter.validate(96)
     # tiny ratio: 2 * 0.01 * 4096 * 50 / 4146 = 0.99 -> B = 0, G = 0
     with pytest.raises(ConfigError, match="keep_ratio=0.01.*L=50"):
@@ -241,3 +245,48 @@ def test_spec_string_reaches_every_parameter():
     )
     assert (comp.selector.alpha, comp.selector.redistribute) == (0.5, True)
     assert "2602.02199" in (type(policy).__doc__ or "")
+
+
+# ---- hybrid selector on hand-made scores -------------------------------------------------------
+class _FakeSource:
+    """exact prefers low slots (10 - i); lsh prefers high slots, only slots 8, 9 'matched' (> 0)."""
+
+    def __init__(self):
+        self.lsh_candidates = []
+
+    def scores(self, name, candidates):
+        n = candidates.shape[-1]
+        slots = torch.arange(n, dtype=torch.float32)
+        if name == "exact":
+            return (10 - slots).view(1, 1, n)
+        self.lsh_candidates.append(candidates[0, 0].nonzero().flatten().tolist())
+        lsh = torch.where(slots >= 8, slots, slots - 100)
+        return lsh.masked_fill(~candidates[0, 0], float("-inf")).view(1, 1, n)
+
+
+def _select(alpha, redistribute=False, k=6):
+    from kvlab_plugins.hybrid import HybridSelector
+
+    source = _FakeSource()
+    cand = torch.zeros(1, 1, 12, dtype=torch.bool)
+    cand[..., :10] = True  # slots 10, 11 are not candidates (e.g. the question)
+    sel = HybridSelector(alpha=alpha, redistribute=redistribute).select(source, cand, k)
+    return sel[0, 0].tolist(), source.lsh_candidates
+
+
+def test_hybrid_split_is_disjoint_and_lsh_sees_only_the_rest():
+    # k = 6, alpha = 0.5: primary = 3 by exact (slots 0, 1, 2); the other 3 by LSH among 3..9,
+    # best LSH slots 9, 8, 7 (7 is filler: not matched, but no redistribution by default)
+    kept, lsh_seen = _select(0.5)
+    assert kept == [0, 1, 2, 7, 8, 9]
+    assert lsh_seen == [list(range(3, 10))]
+
+
+def test_hybrid_alpha_extremes_and_redistribute():
+    assert _select(1.0) == ([0, 1, 2, 3, 4, 5], [])  # exact only, LSH never asked
+    assert _select(0.0)[0] == [4, 5, 6, 7, 8, 9]  # LSH only
+    # floor(0.75 * 6) = 4 exact (0..3); LSH share 2 = its two matched slots 8, 9
+    assert _select(0.75)[0] == [0, 1, 2, 3, 8, 9]
+    # alpha = 0.5 with redistribute: LSH keeps only matched 8, 9; its third slot goes to exact's
+    # next best (3) instead of the filler 7
+    assert _select(0.5, redistribute=True)[0] == [0, 1, 2, 3, 8, 9]

@@ -7,16 +7,16 @@ from typing import ClassVar
 import attrs
 import pytest
 import torch
-from tiny import tiny_model
-
 from kvlab_plugins.accumulative import AccumulativeBudgeter
 from kvlab_plugins.exact import ExactScorer
 from kvlab_plugins.laserkv import LaserKVPolicy
 from kvlab_plugins.lsh_scorer import LSHScorer
 from kvlab_plugins.topk import TopKSelector
+from tiny import tiny_model
+
 from kvpress_lab.engine.api import run_segments
 from kvpress_lab.engine.runner import prefill_and_compress
-from kvpress_lab.interfaces import ScoreSource, Scorer, Selector, StepLayout
+from kvpress_lab.interfaces import Scorer, ScoreSource, Selector, StepLayout
 from kvpress_lab.ops.lsh import (
     bucket_codes,
     collision_counts,
@@ -325,7 +325,10 @@ def test_no_state_leaks_between_inputs(llama):
     run_segments(llama, policy, first, max_new_tokens=4)
     reused = run_segments(llama, policy, second, max_new_tokens=4)
     fresh = run_segments(
-        llama, load_policy("laserkv:keep_ratio=0.3,block_size=40,lsh_bits=4"), second, max_new_tokens=4
+        llama,
+        load_policy("laserkv:keep_ratio=0.3,block_size=40,lsh_bits=4"),
+        second,
+        max_new_tokens=4,
     )
     assert torch.equal(reused.kept_indices, fresh.kept_indices)
     assert reused.answer_token_ids == fresh.answer_token_ids
@@ -365,4 +368,3 @@ def test_laserkv_runs_on_cuda():
     # the same tokens survive up to float noise in near-tied scores
     same = len(set(on_gpu.kept_indices[0, 0].tolist()) & set(on_cpu.kept_indices[0, 0].tolist()))
     assert same >= 0.9 * on_cpu.kept_indices.shape[-1]
-
