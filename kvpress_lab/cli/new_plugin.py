@@ -205,7 +205,9 @@ def scaffold(name: str, directory: Path | None = None) -> Path:
     check_name(name)
     out = Path(directory) if directory is not None else Path("kvlab-" + name.replace("_", "-"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} already exists and is not an empty directory; choose another --dir")
+        raise InputError(
+            f"{out} already exists and is not an empty directory; choose another --dir"
+        )
     for rel, text in render(name).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ CONTEXT = (
 )
 QUESTION = "What is the pass key?"
 ANSWER_PREFIX = "The pass key is"
-MAX_NEW_TOKENS = 6
+MAX_NEW_TOKENS = 4
 
 
 class ConformanceError(AssertionError):
@@ -112,7 +112,7 @@ def spec_string(policy: Policy) -> str:
     Parameters whose values cannot be written in a spec (lists, objects) are left out.
     """
     items = []
-    for name, field in _init_fields(type(policy)).items():
+    for name in _init_fields(type(policy)):
         if name.startswith("_"):
             continue
         value = getattr(policy, name)
@@ -165,12 +165,21 @@ def _run(
 ):
     from kvpress_lab.engine.api import run_segments
 
+    key = (
+        id(subject.lm),
+        type(policy),
+        repr(policy),
+        tuple(segments.context_ids.tolist()),
+        tuple(segments.question_ids.tolist()),
+        global_seed,
+        tuple(sorted(kwargs.items())),
+    )
+    if key in _RUNS:
+        return _RUNS[key]
     try:
         policy.compose().budgeter.validate(segments.context_length)
         torch.manual_seed(global_seed)
-        return run_segments(
-            subject.lm, policy, segments, max_new_tokens=MAX_NEW_TOKENS, **kwargs
-        )
+        result = run_segments(subject.lm, policy, segments, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
     except _Failure:
         raise
     except Exception as exc:
@@ -180,6 +189,14 @@ def _run(
             f"({segments.question_length}-token question{_kw(kwargs)}) raised "
             f"{type(exc).__name__}: {exc}",
         )
+    if len(_RUNS) >= 256:
+        _RUNS.clear()
+    _RUNS[key] = result
+    return result
+
+
+# runs shared between the checks of one policy (the same run is never repeated)
+_RUNS: dict[tuple, Any] = {}
 
 
 def _kw(kwargs: dict) -> str:

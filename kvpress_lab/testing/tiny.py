@@ -45,7 +45,7 @@ class TinyTokenizer:
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, **extra):
-    """A transformers config for a tiny model of architecture ``arch`` (one of :data:`ARCHS`)."""
+    """A transformers config for a tiny model of architecture ``arch`` (one of `ARCHS`)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     classes = {
@@ -88,12 +88,15 @@ def _random_model(arch: str, seed: int, attn: str, **config):
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", **config) -> LoadedModel:
-    """A tiny random model with a :class:`TinyTokenizer`, ready for :func:`kvpress_lab.run`.
+    """A tiny random model with a `TinyTokenizer`, ready for `kvpress_lab.run`.
 
-    >>> from kvpress_lab.testing import tiny_model
-    >>> lm = tiny_model(layers=2, heads=4, kv_heads=2)
-    >>> lm.name
-    'tiny-llama'
+    ```python
+    from kvpress_lab import run
+    from kvpress_lab.testing import tiny_model
+
+    lm = tiny_model(layers=2, heads=4, kv_heads=2)   # lm.name == "tiny-llama"
+    result = run(lm, "snapkv:keep_ratio=0.25", "some long text ...", "a question?")
+    ```
 
     ``config`` overrides the config (``layers``, ``heads``, ``kv_heads`` or any transformers
     config field); the same ``seed`` gives the same weights.
@@ -129,9 +132,7 @@ def char_tokenizer():
     )
 
 
-def save_tiny_model(
-    path: str | os.PathLike, arch: str = "llama", seed: int = 0, **config
-) -> Path:
+def save_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **config) -> Path:
     """Save a tiny random model and :func:`char_tokenizer` to ``path`` and return the path.
 
     The directory loads like any Hugging Face model directory, so the CLI can use it::

@@ -13,8 +13,18 @@ REPO = Path(__file__).resolve().parents[2]
 def pip_install_target(project: Path, target: Path) -> None:
     """``pip install --no-deps --target target project`` (no network needed: setuptools is local)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(project)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(project),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

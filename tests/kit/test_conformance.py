@@ -119,7 +119,9 @@ def test_budget_ignoring_plugin_fails_with_clear_message(broken_registry):
     assert msg.startswith("policy 'greedy' fails ")
     assert "  - budget: GreedyPolicy(keep_ratio=0.25, budget=None): kept 128 of 256" in msg
     assert "the budget asks for 64 (allowed difference 1%)" in msg
-    assert "  - determinism: two runs of GreedyPolicy(keep_ratio=0.25, budget=None) on the same" in msg
+    assert (
+        "  - determinism: two runs of GreedyPolicy(keep_ratio=0.25, budget=None) on the same" in msg
+    )
     # the contract checks it does honour pass
     for ok in ("registered", "fields", "spec_roundtrip"):
         assert f"  - {ok}:" not in msg

@@ -1,4 +1,8 @@
-"""The example third-party plugin installs as its own distribution and works everywhere."""
+"""The example third-party plugin installs as its own distribution and works everywhere.
+
+Its own test suite (the conformance checks) runs in tests/docs/test_tutorials.py, which executes
+the plugin tutorial's `python -m pytest plugins/kvlab-example-plugin/tests` block.
+"""
 
 from __future__ import annotations
 
@@ -20,27 +24,24 @@ def site(tmp_path_factory):
 
 
 def test_kvlab_plugins_lists_keynorm(site, tmp_path):
-    proc = run_with_path([sys.executable, "-m", "kvpress_lab.cli.main", "plugins", "--json"], site, tmp_path)
+    proc = run_with_path(
+        [sys.executable, "-m", "kvpress_lab.cli.main", "plugins", "--json"], site, tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     rows = {r["name"]: r for r in data["policy"]}
     assert rows["keynorm"]["distribution"] == "kvlab-example-plugin"
     assert rows["keynorm"]["version"] == "0.1.0"
     assert [p["name"] for p in rows["keynorm"]["parameters"]] == [
-        "keep_ratio", "budget", "sinks", "window", "granularity", "block_size"
+        "keep_ratio",
+        "budget",
+        "sinks",
+        "window",
+        "granularity",
+        "block_size",
     ]
     assert "keynorm" in {r["name"] for r in data["scorer"]}
     assert data["problems"] == []
-
-
-def test_example_plugin_passes_its_own_conformance_tests(site, tmp_path):
-    proc = run_with_path(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-        site,
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "8 passed" in proc.stdout
 
 
 def test_compare_runs_keynorm_against_snapkv(site, tmp_path):
@@ -49,16 +50,38 @@ def test_compare_runs_keynorm_against_snapkv(site, tmp_path):
     model = save_tiny_model(tmp_path / "tiny-model")
     data = tmp_path / "data.jsonl"
     rows = [
-        {"context": f"Mara keeps bees. The pass key is {k}. Tom fixed the bike. " * 3,
-         "question": "What is the pass key?", "answers": [str(k)], "answer_prefix": "The pass key is"}
+        {
+            "context": f"Mara keeps bees. The pass key is {k}. Tom fixed the bike. " * 3,
+            "question": "What is the pass key?",
+            "answers": [str(k)],
+            "answer_prefix": "The pass key is",
+        }
         for k in (4721, 1903)
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     proc = run_with_path(
-        [sys.executable, "-m", "kvpress_lab.cli.main", "compare", "--model", str(model),
-         "--tasks", str(data), "--policies", "keynorm,snapkv", "--keep", "0.5", "--lengths", "1k",
-         "--max-new-tokens", "4", "--out", str(out), "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "kvpress_lab.cli.main",
+            "compare",
+            "--model",
+            str(model),
+            "--tasks",
+            str(data),
+            "--policies",
+            "keynorm,snapkv",
+            "--keep",
+            "0.5",
+            "--lengths",
+            "1k",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
         site,
         tmp_path,
     )

@@ -45,7 +45,10 @@ def test_scaffold_code_is_valid_python():
     [
         (["new-plugin", "Bad-Name"], "plugin name 'Bad-Name' is invalid: use lowercase letters"),
         (["new-plugin", "class"], "plugin name 'class' is invalid"),
-        (["new-plugin", "snapkv"], "a policy named 'snapkv' is already installed (from kvpress-lab)"),
+        (
+            ["new-plugin", "snapkv"],
+            "a policy named 'snapkv' is already installed (from kvpress-lab)",
+        ),
     ],
 )
 def test_bad_names_rejected(argv, message, capsys):

@@ -13,13 +13,14 @@ from kvpress_lab.testing import TinyTokenizer
 from kvpress_lab.views import write_compare_pages, write_retention_html
 
 
-
 @pytest.fixture
 def hand_result():
     return build_hand_result()
 
 
-SPAN = re.compile(r'<span class="tok ([a-z]+) s(\d+)[^"]*" data-i="(\d+)" data-kept="([0-9.]+)"[^>]*>([^<]*)</span>')
+SPAN = re.compile(
+    r'<span class="tok ([a-z]+) s(\d+)[^"]*" data-i="(\d+)" data-kept="([0-9.]+)"[^>]*>([^<]*)</span>'
+)
 
 
 def spans(page: str):
@@ -27,7 +28,9 @@ def spans(page: str):
 
 
 def test_every_token_marked_with_its_retention(tmp_path, hand_result):
-    path = write_retention_html(hand_result, TinyTokenizer(), tmp_path / "sub" / "r.html", "Key?", "It is")
+    path = write_retention_html(
+        hand_result, TinyTokenizer(), tmp_path / "sub" / "r.html", "Key?", "It is"
+    )
     page = path.read_text()
     assert path == tmp_path / "sub" / "r.html"
     got = spans(page)
@@ -45,7 +48,9 @@ def test_every_token_marked_with_its_retention(tmp_path, hand_result):
 
 
 def test_page_is_self_contained_and_shows_run(tmp_path, hand_result):
-    page = write_retention_html(hand_result, TinyTokenizer(), tmp_path / "r.html", "Key <?>", "It is").read_text()
+    page = write_retention_html(
+        hand_result, TinyTokenizer(), tmp_path / "r.html", "Key <?>", "It is"
+    ).read_text()
     assert "<style>" in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # no external assets
     assert "<script" not in page
@@ -74,17 +79,29 @@ def test_compare_pages_one_per_policy_and_index(tmp_path, hand_result):
 
     other = make_result("ab<c>d&e", [[[4, 5]]], answer="no idea")
     other = attrs.evolve(other, policy_name="other")
-    sample = Sample(task="t", context="ab<c>d&e", question="Key?", answers=("4721",),
-                    answer_prefix="It is", sample_id="passkey-8-0-0")
-    paths = write_compare_pages({"hand:keep_ratio=0.5": hand_result, "other": other}, TinyTokenizer(),
-                                tmp_path / "pages", sample)
+    sample = Sample(
+        task="t",
+        context="ab<c>d&e",
+        question="Key?",
+        answers=("4721",),
+        answer_prefix="It is",
+        sample_id="passkey-8-0-0",
+    )
+    paths = write_compare_pages(
+        {"hand:keep_ratio=0.5": hand_result, "other": other},
+        TinyTokenizer(),
+        tmp_path / "pages",
+        sample,
+    )
     assert [p.name for p in paths] == [
         "index.html",
         "passkey-8-0-0__hand_keep_ratio=0.5.html",
         "passkey-8-0-0__other.html",
     ]
     index = paths[0].read_text()
-    assert '<a href="passkey-8-0-0__other.html">other</a></td><td>2 / 8</td><td>no idea</td>' in index
+    assert (
+        '<a href="passkey-8-0-0__other.html">other</a></td><td>2 / 8</td><td>no idea</td>' in index
+    )
     page = paths[2].read_text()
     assert [s[3] for s in spans(page)] == ["0.00"] * 4 + ["1.00"] * 2 + ["0.00"] * 2
     assert "<b>reference</b> 4721" in page

@@ -67,7 +67,9 @@ def test_dom_has_kept_token_marks(chromium, page, tmp_path):
     proc = _browser(chromium, tmp_path, "--dump-dom", path.as_uri())
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    marks = re.findall(r'class="tok (kept|partial|dropped)[^"]*" data-i="(\d+)" data-kept="([0-9.]+)"', dom)
+    marks = re.findall(
+        r'class="tok (kept|partial|dropped)[^"]*" data-i="(\d+)" data-kept="([0-9.]+)"', dom
+    )
     assert len(marks) == result.context_tokens
     expected = [f"{v:.2f}" for v in result.retention.tolist()]
     assert [m[2] for m in marks] == expected
@@ -84,7 +86,9 @@ def test_screenshot_shows_shaded_and_plain_tokens(chromium, page, tmp_path):
 
     _, path = page
     png = tmp_path / "shot.png"
-    proc = _browser(chromium, tmp_path, f"--screenshot={png}", "--window-size=1200,900", path.as_uri())
+    proc = _browser(
+        chromium, tmp_path, f"--screenshot={png}", "--window-size=1200,900", path.as_uri()
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.is_file() and png.stat().st_size > 5000
     img = (mpimg.imread(png)[..., :3] * 255).astype(np.int16)

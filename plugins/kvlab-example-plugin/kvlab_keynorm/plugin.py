@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import attrs
 import torch
-
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
+
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Scorer, StepLayout
 from kvpress_lab.policy import Composition, EngineOptions, Policy, positive_int
