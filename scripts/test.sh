@@ -17,7 +17,7 @@ fi
 
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+python -m pip install -q --upgrade pip "setuptools>=77"
 # torch first, pinned: any other spec pulls several GB of CUDA wheels on a CPU machine
 python -m pip install -q torch==2.13.0
 # [test] pins kvpress 0.5.5 for the differential tests, which holds transformers at 5.2.x

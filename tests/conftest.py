@@ -23,4 +23,4 @@ def tiny_model_dir(tmp_path_factory):
     """A saved tiny random llama with a char tokenizer (1024 positions), for CLI tests."""
     from tiny import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), max_positions=1024)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=1024)
