@@ -47,13 +47,21 @@ def _recent_fraction(instance, attribute, value) -> None:
 def accumulated_attention(obs: Any, query_block: int) -> torch.Tensor:
     """Sum of causal softmax attention over all rows of the pass and the query heads of each KV
     head: [H, N] float32. Rows are processed ``query_block`` at a time, so at most
-    ``[H, G, query_block, N]`` attention weights exist at once.
+    ``[H, G, query_block, N]`` attention weights exist at once; a block's rows only see keys up to
+    its last row, so later keys are left out of its product altogether.
     """
     total = None
+    n_keys = obs.n_past + obs.n_rows
     for r0 in range(0, obs.n_rows, query_block):
-        attn = obs.attention(slice(r0, min(obs.n_rows, r0 + query_block)))  # [B, H, G, r, N]
-        part = attn.sum(dim=(0, 2, 3))
-        total = part if total is None else total + part
+        r1 = min(obs.n_rows, r0 + query_block)
+        visible = obs.n_past + r1
+        view = obs
+        if attrs.has(type(obs)) and visible < n_keys:
+            view = attrs.evolve(obs, keys=obs.keys[:, :, :visible])
+        part = view.attention(slice(r0, r1)).sum(dim=(0, 2, 3))  # [H, visible or N]
+        if total is None:
+            total = part.new_zeros(part.shape[0], n_keys)
+        total[:, : part.shape[-1]] += part
     return total
 
 

