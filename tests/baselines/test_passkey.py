@@ -1,11 +1,11 @@
 """Passkey retrieval on the default model at keep_ratio 0.5 (~2k tokens), one run per baseline.
 
-The needle sits at 75% depth: at 50% depth SmolLM2-135M fails this prompt even with the full
-cache at ~1.9-2.2k tokens, while at 75% the full cache answers (measured; commands and answers in
-notes/baselines-passkey.md). At keep_ratio 0.5 SnapKV and FINCH answer; H2O and StreamingLLM
-answer something else although the needle survives in most or all of their layers. Those two are
-marked as expected failures (strict: if one starts answering, the test says so and the note must
-be updated); every structural check still runs for them.
+The needle sits in the middle. The answer prefix ends with a space: SmolLM2's tokenizer writes
+the space before a number as its own token, and without it the model continues with words even
+with the full cache (measured; notes/baselines-passkey.md). At keep_ratio 0.5 SnapKV,
+StreamingLLM and FINCH answer; H2O answers something else. H2O is marked as an expected failure
+(strict: if it starts answering, the test says so and the note must be updated); every
+structural check still runs for it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ MEASURED_FAILURE = pytest.mark.xfail(
     [
         "snapkv",
         pytest.param("h2o", marks=MEASURED_FAILURE),
-        pytest.param("streamingllm", marks=MEASURED_FAILURE),
+        "streamingllm",
         "finch",
     ],
 )
@@ -49,9 +49,9 @@ def test_passkey_at_half_cache(default_lm, policy):
     result = run(
         default_lm,
         f"{policy}:keep_ratio=0.5",
-        haystack(80, 0.75),
+        haystack(80, 0.5),
         "What is the pass key?",
-        "The pass key is",
+        "The pass key is ",
         max_new_tokens=8,
     )
     assert 1900 <= result.context_tokens <= 2100
