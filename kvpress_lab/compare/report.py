@@ -122,9 +122,12 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         "",
         "Accuracy is the mean task score (1.0 = right). `full` is the uncompressed cache; "
         "`full acc` repeats its accuracy on the same samples. `kept` and `target` are context "
-        "tokens per layer and KV head. Times are means per sample in seconds; with a shared "
-        "prefill (`shared` = fraction of rows that used one) `prefill` is the one forward pass "
-        "all sharing policies started from, counted on each of their rows.",
+        "tokens per layer and KV head; KV MiB is the compressed cache, peak KV the most held "
+        "during prefill. Times are means per row in seconds: `compress` is the policy's scoring "
+        "and selection, `decode` feeds the question and generates the answer (tok/s = answer "
+        "tokens / decode s). With a shared prefill (`shared` = fraction of rows that used one) "
+        "`prefill` is the one forward pass all sharing policies of a sample started from, "
+        "counted on each of their rows.",
         "",
         "| policy | task | length | keep | n | accuracy | full acc | kept | target | fair "
         "| KV MiB | peak KV MiB | prefill s | compress s | decode s | decode tok/s | shared |",
@@ -201,7 +204,13 @@ def write_plots(out: Path, summary: list[dict]) -> list[Path]:
     fig, axes = panels("Accuracy vs keep ratio (mean over lengths)")
     for ax, task in zip(axes, tasks, strict=True):
         for pol in policies:
-            keeps = sorted({s["keep"] for s in summary if s["task"] == task and s["policy"] == pol})
+            keeps = sorted(
+                {
+                    s["keep"]
+                    for s in summary
+                    if s["task"] == task and s["policy"] == pol and s["keep"] is not None
+                }
+            )  # a spec with its own token budget has no keep ratio to plot against
             ys = [
                 avg(
                     [

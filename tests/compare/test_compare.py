@@ -17,7 +17,7 @@ from tiny import save_tiny_model, tiny_model
 
 from kvpress_lab.cli.main import main
 from kvpress_lab.compare import compare, parse_keeps, parse_lengths, plan_policies
-from kvpress_lab.compare.report import PLOTS
+from kvpress_lab.compare.report import PLOTS, write_plots, write_summary
 from kvpress_lab.engine.api import run_segments
 from kvpress_lab.engine.shared import can_share_prefill, run_shared
 from kvpress_lab.errors import InputError, UnknownPolicyError
@@ -81,7 +81,7 @@ def test_end_to_end_writes_every_artifact(lm, test_registry, tmp_path):
     blockwise = [r for r in rows if r["spec"] == "test_attention:block_size=300"]
     assert all(r["shared_prefill"] for r in one_shot)
     assert not any(r["shared_prefill"] for r in blockwise)
-    assert all(r["blocks"] == 3 for r in blockwise)  # ceil(601 / 300)
+    assert all(r["blocks"] == -(-r["prompt_tokens"] // 300) for r in blockwise)
 
     with (tmp_path / "summary.csv").open() as f:
         summary = list(csv.DictReader(f))
@@ -164,7 +164,7 @@ def test_jsonl_user_data(lm, test_registry, tmp_path):
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     res = _run(
         lm, test_registry, tmp_path / "out", tasks=[str(data)], lengths=[600], samples=2,
-        keeps=[0.5],
+        keeps=[0.5], policies=["test_attention"],
     )  # fmt: skip
     assert len(res.rows) == 2 * 2
     assert {r["sample_id"] for r in res.rows} == {"q0", "q1"}
@@ -265,12 +265,13 @@ def test_unknown_policy_fails_before_any_model_work(tmp_path):
         (["--policies", "random", "--keep", "0.5,1.5"], "--keep: '1.5' is outside (0, 1]"),
         (["--policies", "random", "--keep", "0"], "--keep: '0' is outside (0, 1]"),
         (["--policies", "random:keep_ratio=2"], "keep_ratio=2.0 is invalid"),
-        (["--policies", "random", "--tasks", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--policies", "random", "--tasks", "niah,nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--policies", "random", "--tasks", "missing.jsonl"], "task file missing.jsonl does not"),
     ],
 )
-def test_cli_bad_inputs_one_line_exit_2(args, message, capsys, tmp_path, request):
-    # only the task check needs a model; the others must fail before loading one
-    model = ["--model", str(request.getfixturevalue("saved_model"))] if "--tasks" in args else []
+def test_cli_bad_inputs_one_line_exit_2(args, message, capsys, tmp_path):
+    # every check runs before the model loads: the model path does not even exist
+    model = ["--model", str(tmp_path / "no-model")]
     code = main(["compare", *args, *model, "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -340,3 +341,48 @@ def test_manual_shards_then_merge(lm, test_registry, tmp_path):
     assert (tmp_path / "summary.md").exists() and not (tmp_path / "shards").exists()
     single = _run(lm, test_registry, tmp_path / "single", **kw)
     assert [r["prediction"] for r in single.rows] == [r["prediction"] for r in merged.rows]
+
+
+def test_summary_flags_unfair_budgets_and_plots_budget_specs(tmp_path):
+    def row(spec, keep, kept, target, score):
+        return {
+            "spec": spec, "task": "niah", "target_length": 1000, "keep_ratio": keep,
+            "score": score, "kept_tokens": kept, "target_tokens": target,
+            "kv_bytes_kept": kept * 10, "kv_bytes_full": 10_000, "peak_kv_bytes": 12_000,
+            "prefill_s": 1.0, "compress_s": 0.1, "decode_s": 0.5, "decode_tokens_per_s": 20.0,
+            "shared_prefill": True,
+        }  # fmt: skip
+
+    rows = [
+        row("full", None, 1000, 1000, 1.0),
+        row("a", 0.25, 250, 250, 1.0),
+        row("b", 0.25, 253, 250, 0.0),  # 1.2 % over its target
+        row("c:budget=100", None, 100, 100, 0.0),
+    ]
+    summary = write_summary(tmp_path, rows, {"model": "m", "command": "kvlab compare"})
+    fair = {s["policy"]: s["fair"] for s in summary}
+    assert fair == {"full": True, "a": True, "b": False, "c:budget=100": True}
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Fairness warnings" in md
+    assert (
+        "`b` on niah at 1000 tokens, keep 0.25: kept 253.0 tokens against a target of 250.0" in md
+    )
+    assert "`a` on niah" not in md.split("## Fairness warnings")[1]
+    for path in write_plots(tmp_path, summary):
+        assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_shared_prefill_equals_independent_runs_for_every_registered_policy(lm):
+    """Every installed policy that runs one-shot on this context shares the prefill exactly."""
+    from kvpress_lab.registry import default_registry
+
+    text = "The grass is green. The sky is blue. " * 12 + "The pass key is 4242. " + "Ho. " * 20
+    segments = build_prompt(lm.tokenizer, text, "What is the pass key?", "The pass key is")
+    policies = [load_policy(name, keep_ratio=0.25) for name in default_registry().names("policy")]
+    sharers = [p for p in policies if can_share_prefill(p.compose(), segments.context_length)]
+    assert {"full", "random"} <= {p.name for p in sharers}
+    shared = list(run_shared(lm, sharers, segments, max_new_tokens=4))
+    for policy, got in zip(sharers, shared, strict=True):
+        want = run_segments(lm, policy, segments, max_new_tokens=4)
+        assert torch.equal(got.kept_indices, want.kept_indices), policy.name
+        assert got.answer_token_ids == want.answer_token_ids, policy.name
