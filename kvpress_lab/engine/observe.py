@@ -19,7 +19,7 @@ from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
 from kvpress_lab.ops.rope import apply_rope
 
-__all__ = ["Observer", "attention_layers", "rotary_function"]
+__all__ = ["Observer", "attention_layers", "observation_from_hook", "rotary_function"]
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -40,6 +40,36 @@ def rotary_function(attn: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.
     if fn is not None:
         return fn
     return lambda q, k, cos, sin: (apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+
+
+def observation_from_hook(
+    module: nn.Module,
+    layer_idx: int,
+    n_layers: int,
+    args: tuple,
+    kwargs: dict,
+    question_rows: slice | None,
+    observation_window: int,
+    layout: StepLayout | None,
+) -> LayerObservation:
+    """Build a :class:`LayerObservation` inside a forward hook on an attention module."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cos, sin = kwargs["position_embeddings"]
+    keys = kwargs["past_key_values"].layers[layer_idx].keys
+    return LayerObservation(
+        layer_idx=layer_idx,
+        n_layers=n_layers,
+        attn=module,
+        hidden=hidden,
+        cos=cos,
+        sin=sin,
+        keys=keys,
+        n_past=int(keys.shape[2]) - int(hidden.shape[1]),
+        question_rows=question_rows,
+        observation_window=observation_window,
+        apply_rotary=rotary_function(module),
+        layout=layout,
+    )
 
 
 class Observer:
@@ -83,25 +113,17 @@ class Observer:
 
         def hook(module, args, kwargs, output):
             start = time.perf_counter()
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            cache = kwargs.get("past_key_values")
-            keys = cache.layers[layer_idx].keys
-            n_rows = hidden.shape[1]
-            obs = LayerObservation(
-                layer_idx=layer_idx,
-                n_layers=n_layers,
-                attn=module,
-                hidden=hidden,
-                cos=cos,
-                sin=sin,
-                keys=keys,
-                n_past=keys.shape[2] - n_rows,
+            obs = observation_from_hook(
+                module,
+                layer_idx,
+                n_layers,
+                args,
+                kwargs,
                 question_rows=self.question_rows,
                 observation_window=self.observation_window,
-                apply_rotary=rotary_function(module),
                 layout=self.layout,
             )
+            hidden = obs.hidden
             with torch.no_grad():
                 for name, scorer in self.scorers:
                     self.observed[name][layer_idx] = scorer.observe(obs)

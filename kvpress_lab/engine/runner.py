@@ -140,21 +140,7 @@ def prefill_and_compress(
             n_question=Q,
             context_index=step_index,
         )
-        allocation = comp.budgeter.allocate(layout)
-        _check_allocation(allocation, layout, comp.budgeter.name)
-        evicts = _evicts(allocation, layout)
-        used = (
-            {n: comp.scorers[n] for n in comp.selector.scorer_names()}
-            if allocation.k > 0 and evicts
-            else {}
-        )
-        observer = Observer(
-            model,
-            list(used.items()),
-            layout,
-            question_rows=slice(n_in - Q, n_in) if Q else None,
-            observation_window=comp.engine.observation_window,
-        )
+        allocation, evicts, observer = plan_step(model, comp, layout, n_in)
         _sync(device)
         t0 = time.perf_counter()
         with observer.attached():
@@ -201,6 +187,32 @@ def prefill_and_compress(
         blocks=len(bounds),
         question_logits=question_logits,
     )
+
+
+def plan_step(
+    model, comp: Composition, layout: StepLayout, n_in: int
+) -> tuple[Allocation, bool, Observer]:
+    """Ask the budgeter for this step's allocation and prepare the scorers' observer.
+
+    Scorers observe only when the step evicts something and the selector reads scores.
+    """
+    allocation = comp.budgeter.allocate(layout)
+    _check_allocation(allocation, layout, comp.budgeter.name)
+    evicts = _evicts(allocation, layout)
+    used = (
+        {n: comp.scorers[n] for n in comp.selector.scorer_names()}
+        if allocation.k > 0 and evicts
+        else {}
+    )
+    Q = layout.n_question
+    observer = Observer(
+        model,
+        list(used.items()),
+        layout,
+        question_rows=slice(n_in - Q, n_in) if Q else None,
+        observation_window=comp.engine.observation_window,
+    )
+    return allocation, evicts, observer
 
 
 def compress_step(

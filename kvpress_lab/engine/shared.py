@@ -27,15 +27,14 @@ from transformers import DynamicCache
 
 from kvpress_lab.engine.api import answer_compressed
 from kvpress_lab.engine.cache import kv_bytes
-from kvpress_lab.engine.observe import Observer, attention_layers
+from kvpress_lab.engine.observe import attention_layers
 from kvpress_lab.engine.result import RunResult
 from kvpress_lab.engine.runner import (
     CompressedContext,
-    _check_allocation,
-    _evicts,
     _sync,
     check_fits,
     compress_step,
+    plan_step,
 )
 from kvpress_lab.interfaces import StepLayout
 from kvpress_lab.models import LoadedModel
@@ -109,22 +108,7 @@ def run_shared(
     )
     plans = []
     for comp in comps:
-        allocation = comp.budgeter.allocate(layout)
-        _check_allocation(allocation, layout, comp.budgeter.name)
-        evicts = _evicts(allocation, layout)
-        used = (
-            {n: comp.scorers[n] for n in comp.selector.scorer_names()}
-            if allocation.k > 0 and evicts
-            else {}
-        )
-        observer = Observer(
-            model,
-            list(used.items()),
-            layout,
-            question_rows=slice(n_in - Q, n_in) if Q else None,
-            observation_window=comp.engine.observation_window,
-        )
-        plans.append((allocation, evicts, observer))
+        plans.append(plan_step(model, comp, layout, n_in))
 
     cache = DynamicCache(config=model.config)
     _sync(device)

@@ -29,7 +29,7 @@ import torch
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.engine.cache import gather_slots
-from kvpress_lab.engine.observe import attention_layers, rotary_function
+from kvpress_lab.engine.observe import attention_layers, observation_from_hook
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
@@ -140,22 +140,17 @@ class H2OEviction:
 
     def _hook(self, layer_idx: int, n_layers: int):
         def hook(module, args, kwargs, output):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            keys = kwargs["past_key_values"].layers[layer_idx].keys
-            n_rows = int(hidden.shape[1])
-            obs = LayerObservation(
-                layer_idx=layer_idx,
-                n_layers=n_layers,
-                attn=module,
-                hidden=hidden,
-                cos=cos,
-                sin=sin,
-                keys=keys,
-                n_past=int(keys.shape[2]) - n_rows,
+            n_rows = int(
+                (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
+            )
+            obs = observation_from_hook(
+                module,
+                layer_idx,
+                n_layers,
+                args,
+                kwargs,
                 question_rows=None,
                 observation_window=n_rows,
-                apply_rotary=rotary_function(module),
                 layout=None,
             )
             with torch.no_grad():
