@@ -87,6 +87,14 @@ def add_parser(sub) -> None:
         help="run every policy's prefill on its own (slower; for checking)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--html-sample",
+        type=int,
+        default=None,
+        metavar="I",
+        help="write token-retention pages (one per policy) for sample I of every task, length "
+        "and keep ratio, under OUT/retention/",
+    )
     p.set_defaults(handler=run)
 
 
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         shard=shard,
         share_prefill=not args.no_shared_prefill,
         progress=not args.no_progress,
+        html_sample=args.html_sample,
         command=shlex.join(sys.argv),
         arguments=_arguments(args),
     )

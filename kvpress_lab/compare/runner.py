@@ -224,6 +224,7 @@ def compare(
     command: str | None = None,
     arguments: str | None = None,
     on_row: Callable[[dict], None] | None = None,
+    html_sample: int | None = None,
 ) -> CompareResult:
     """Run (or resume) a comparison and write its artifacts to ``out``.
 
@@ -231,7 +232,9 @@ def compare(
     default SmolLM2) is loaded on ``device``. Returns the rows in ``out`` when done. Under
     ``accelerate launch`` with several processes each process runs its share and the main
     process merges and reports; with an explicit ``shard`` only that shard runs (rerun without
-    ``shard`` to merge and report).
+    ``shard`` to merge and report). ``html_sample`` (a sample index) writes one token-retention
+    page per policy for that sample of every task x length x keep run in this invocation, under
+    ``out/retention/``.
     """
     from kvpress_lab.tasks import generate_samples, score
 
@@ -337,6 +340,7 @@ def compare(
     total = sum(len(p) for _, p in work)
 
     ran = 0
+    pages: dict[tuple[str, int, float], tuple[_Group, dict[str, Any]]] = {}
 
     def store(g: _Group, e: Entry, result, shared: bool) -> None:
         nonlocal ran
@@ -345,6 +349,10 @@ def compare(
         ran += 1
         if on_row is not None:
             on_row(row)
+        if html_sample is not None and g.index == html_sample:
+            # the full row (keep None) belongs beside every keep ratio's policies
+            for keep in [e.keep] if e.keep is not None else keeps:
+                pages.setdefault((g.task, g.length, keep), (g, {}))[1][e.spec] = result
 
     try:
         with _progress(progress, total) as advance:
@@ -359,6 +367,13 @@ def compare(
             file=sys.stderr,
         )
         raise
+
+    if pages:
+        from kvpress_lab.views.retention import write_compare_pages
+
+        for (_, _, keep), (g, results) in pages.items():
+            folder = out / "retention" / f"{Path(g.task).stem}-{g.length}-keep{keep}-s{g.index}"
+            write_compare_pages(results, lm.tokenizer, folder, g.sample)
 
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()

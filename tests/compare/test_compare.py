@@ -285,11 +285,17 @@ def test_cli_end_to_end_and_policy_list_parsing(tmp_path, capsys, saved_model):
     argv = [
         "compare", "--policies", "random:seed=3,granularity=layer,random", "--lengths", "600",
         "--keep", "0.5", "--samples", "1", "--model", str(model), "--out", str(out),
-        "--max-new-tokens", "2", "--no-progress",
+        "--max-new-tokens", "2", "--no-progress", "--html-sample", "0",
     ]  # fmt: skip
     assert main(argv) == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["spec"] for r in rows) == ["full", "random", "random:seed=3,granularity=layer"]
+    # one retention page per policy (full included) for the chosen sample, plus an index
+    pages = sorted(p.name for p in (out / "retention" / "niah-600-keep0.5-s0").glob("*.html"))
+    assert len(pages) == 4 and "index.html" in pages
+    index = (out / "retention" / "niah-600-keep0.5-s0" / "index.html").read_text()
+    for spec in ("full", "random", "random:seed=3,granularity=layer"):
+        assert spec in index
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["arguments"].startswith(
         "kvlab compare --policies random:seed=3,granularity=layer,random --tasks niah"
