@@ -25,7 +25,8 @@ from kvpress_lab.spec import load_policy
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is 71432. Remember it. 71432 is the pass key. "
-QUESTION, PREFIX = "What is the pass key?", "The pass key is"
+# trailing space: SmolLM2 writes the space before a number as its own token
+QUESTION, PREFIX = "What is the pass key?", "The pass key is "
 DECODE_TOKENS = 32
 
 
