@@ -103,6 +103,15 @@ def niah(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens
         return NIAH_PREAMBLE + " ".join(_insert(_noise(n), [needle], [depth]))
 
     fit = fit_length(build, count_tokens, target_tokens, max_units=UNLIMITED_UNITS, task=task)
+    return _niah_sample(
+        task, fit, key, value, depth, needle, sample_id(task, target_tokens, seed, index)
+    )
+
+
+def _niah_sample(
+    task: str, fit, key: str, value: str, depth: float, needle: str, sid: str
+) -> Sample:
+    """The RULER needle question, answer prefix and metric around a fitted haystack."""
     return Sample(
         task=task,
         context=fit.text,
@@ -110,7 +119,7 @@ def niah(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens
         answers=(value,),
         answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
         metric="string_match_all",
-        sample_id=sample_id(task, target_tokens, seed, index),
+        sample_id=sid,
         meta={
             "context_tokens": fit.tokens,
             "depth": depth,
@@ -151,21 +160,8 @@ def niah_multikey(
     adjectives, nouns = key_words()
     max_lines = len(adjectives) * len(nouns) // 2
     fit = fit_length(build, count_tokens, target_tokens, max_units=max_lines, task=task)
-    return Sample(
-        task=task,
-        context=fit.text,
-        question=f"What is the special magic number for {key} mentioned in the provided text?",
-        answers=(value,),
-        answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
-        metric="string_match_all",
-        sample_id=sample_id(task, target_tokens, seed, index),
-        meta={
-            "context_tokens": fit.tokens,
-            "depth": depth,
-            "needle": needle,
-            "key": key,
-            "filler_units": fit.units,
-        },
+    return _niah_sample(
+        task, fit, key, value, depth, needle, sample_id(task, target_tokens, seed, index)
     )
 
 
