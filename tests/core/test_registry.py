@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from plugin_install import pip_install_target
 
 from kvpress_lab.registry import default_registry, discover
 
@@ -69,7 +70,10 @@ def test_broken_and_clashing_plugins_are_reported_and_skipped(tmp_path, monkeypa
     assert registry.get("policy", "full").plugin.name == "full"  # the first registration stays
     problems = {p.plugin: p.error for p in registry.problems}
     assert set(problems) == {"broken", "clash", "typo", "notaclass"}
-    assert "ModuleNotFoundError" in problems["broken"] and "does_not_exist_anywhere" in problems["broken"]
+    assert (
+        "ModuleNotFoundError" in problems["broken"]
+        and "does_not_exist_anywhere" in problems["broken"]
+    )
     assert "policy name 'full' is already registered by plugin 'full'" in problems["clash"]
     assert "kvlab_polices" in problems["typo"]
     assert "not a subclass of kvpress_lab.interfaces.Scorer" in problems["notaclass"]
@@ -141,20 +145,22 @@ def plugin_site(tmp_path_factory):
     root = tmp_path_factory.mktemp("dists")
     site = root / "site"
     good = _make_distribution(root, "kvlab-thirdparty", "kvlab_thirdparty", PLUGIN_MODULE)
-    bad = _make_distribution(root, "kvlab-broken", "kvlab_broken", "raise RuntimeError('plugin exploded on import')\n")
+    bad = _make_distribution(
+        root, "kvlab-broken", "kvlab_broken", "raise RuntimeError('plugin exploded on import')\n"
+    )
     for dist in (good, bad):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(dist)],
-            check=True,
-            capture_output=True,
-        )
+        pip_install_target(dist, site)
     return site
 
 
 def _kvlab(site: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site)}
     return subprocess.run(
-        [sys.executable, "-m", "kvpress_lab.cli.main", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "kvpress_lab.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -169,15 +175,30 @@ def test_installed_plugin_is_listed_and_broken_one_reported(plugin_site):
     assert [p["distribution"] for p in data["problems"]] == ["kvlab-broken"]
     assert "RuntimeError: plugin exploded on import" in data["problems"][0]["error"]
     text = _kvlab(plugin_site, "plugins")
-    assert text.returncode == 0 and "thirdparty" in text.stdout and "plugin exploded on import" in text.stdout
+    assert (
+        text.returncode == 0
+        and "thirdparty" in text.stdout
+        and "plugin exploded on import" in text.stdout
+    )
 
 
 def test_installed_plugin_runs(plugin_site, tiny_model_dir, tmp_path):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text("The grass is green. The sky is blue. " * 10)
     proc = _kvlab(
-        plugin_site, "run", "--model", str(tiny_model_dir), "--policy", "thirdparty:keep_ratio=0.25",
-        "--context-file", str(ctx), "--question", "What colour?", "--max-new-tokens", "3", "--json",
+        plugin_site,
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--policy",
+        "thirdparty:keep_ratio=0.25",
+        "--context-file",
+        str(ctx),
+        "--question",
+        "What colour?",
+        "--max-new-tokens",
+        "3",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

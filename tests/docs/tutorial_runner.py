@@ -33,6 +33,10 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from plugin_install import pip_install_target  # noqa: E402
+
 FENCE = re.compile(
     r"^(?P<skip><!-- tutorial: skip -->\n)?(?P<indent>[ ]*)```(?P<lang>[\w-]*)(?P<attrs>[^\n]*)\n"
     r"(?P<body>.*?)^(?P=indent)```[ ]*$",
@@ -120,24 +124,7 @@ class Runner:
             shutil.copytree(
                 src, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
             )
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--no-deps",
-                    "--no-build-isolation",
-                    "--target",
-                    str(self.site),
-                    str(copy),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                raise AssertionError(f"pip install {target} failed:\n{proc.stderr[-3000:]}")
+            pip_install_target(copy, self.site)
         if str(self.site) not in sys.path:
             sys.path.insert(0, str(self.site))
         importlib.invalidate_caches()

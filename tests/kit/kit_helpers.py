@@ -8,28 +8,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def pip_install_target(project: Path, target: Path) -> None:
-    """``pip install --no-deps --target target project`` (no network needed: setuptools is local)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(project),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from plugin_install import pip_install_target  # noqa: E402,F401
 
 
 def run_with_path(args: list[str], site: Path, cwd: Path, timeout: int = 600):
