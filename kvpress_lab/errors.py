@@ -1,16 +1,21 @@
 """User-facing errors.
 
 Every error a user can cause by bad input derives from :class:`KvlabError`; the CLI prints its
-message on one line and exits with status 2. Messages name the problem and the fix.
+message on one line and exits with its ``exit_code``: 2 for bad input or environment, 3 when a
+plugin (policy, scorer, selector or budgeter) failed while running. Messages name the problem and
+the fix.
 """
 
 from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_PLUGIN_FAILED = 3
 
 
 class KvlabError(Exception):
     """Base class for errors caused by user input or environment, not by a bug."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class ConfigError(KvlabError, ValueError):
@@ -37,4 +42,10 @@ class ModelLoadError(KvlabError, OSError):
 
 
 class PluginError(KvlabError):
-    """A plugin that failed to load or registered a clashing name."""
+    """A plugin that misbehaved at run time: it raised, or returned output the engine refuses.
+
+    Exit status 3 ("a plugin failed"), so scripts can tell a broken plugin from bad input.
+    Plugins that fail to *load* are not raised: discovery records them and skips them.
+    """
+
+    exit_code = EXIT_PLUGIN_FAILED

@@ -24,6 +24,7 @@ from kvpress_lab.engine.cache import (
     layer_kv,
     set_layer_kv,
 )
+from kvpress_lab.engine.checks import check_allocation, check_selection
 from kvpress_lab.engine.observe import Observer, attention_layers
 from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
 from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout
@@ -265,43 +266,13 @@ def _evicts(allocation: Allocation, layout: StepLayout) -> bool:
 
 
 def _check_allocation(allocation: Allocation, layout: StepLayout, who: str) -> None:
-    for field in ("protected", "candidates"):
-        mask = getattr(allocation, field)
-        if mask.dim() != 3 or mask.shape[-1] != layout.n_slots:
-            raise PluginError(
-                f"budgeter {who!r} returned {field} of shape {tuple(mask.shape)}; expected "
-                f"[layers|1, kv_heads|1, {layout.n_slots}]"
-            )
-    if allocation.k < 0:
-        raise PluginError(f"budgeter {who!r} asked to keep k={allocation.k} candidates")
-    q = layout.question_mask
-    if bool((_broadcast(allocation.protected, layout) & q).any()):
-        raise PluginError(f"budgeter {who!r} protected question slots; the question is never kept")
-    n_cand = int((_broadcast(allocation.candidates, layout) & ~q).sum(-1).min())
-    if allocation.k > n_cand:
-        raise PluginError(
-            f"budgeter {who!r} asked to keep {allocation.k} of only {n_cand} candidates"
-        )
+    check_allocation(allocation, layout, who)
 
 
 def _merge(
     allocation: Allocation, selected: torch.Tensor, layout: StepLayout, who: str
 ) -> torch.Tensor:
-    if selected.dim() != 3 or selected.shape[-1] != allocation.k:
-        raise PluginError(
-            f"selector {who!r} returned shape {tuple(selected.shape)}; expected [layers|1, kv_heads|1, {allocation.k}]"
-        )
-    lead = torch.broadcast_shapes(allocation.protected.shape[:2], selected.shape[:2])
-    protected = allocation.protected.to(torch.bool).expand(*lead, layout.n_slots)
-    cand = allocation.candidates.to(torch.bool).expand(*lead, layout.n_slots)
-    sel = selected.expand(*lead, allocation.k)
-    if not bool(cand.gather(-1, sel).all()):
-        raise PluginError(f"selector {who!r} selected slots that are not candidates")
-    keep = protected.clone()
-    keep.scatter_(-1, sel, True)
-    if bool((keep & layout.question_mask[: lead[0], : lead[1]]).any()):
-        raise PluginError(f"selector {who!r} kept question slots")
-    return keep
+    return check_selection(allocation, selected, layout, who)
 
 
 def _gather_index(step_index: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
