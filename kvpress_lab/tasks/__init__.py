@@ -1,8 +1,10 @@
 """Long-context evaluation tasks, generated offline and deterministic by seed.
 
-Built-in tasks follow RULER (Hsieh et al. 2024): ``niah``, ``niah-multikey``, ``vt``; and
-BABILong (Kuratov et al. 2024): ``babilong-qa1`` .. ``babilong-qa5``. A path to a ``.jsonl``
-file is accepted as a task as well (see :mod:`kvpress_lab.tasks.jsonl`).
+Built-in tasks follow RULER (Hsieh et al. 2024): its 13 tasks ``ruler:niah_single_1`` ..
+``ruler:qa_2`` (see :mod:`kvpress_lab.tasks.ruler_suite`), and the earlier short forms ``niah``,
+``niah-multikey``, ``vt``; and BABILong (Kuratov et al. 2024): ``babilong-qa1`` ..
+``babilong-qa5``. A group name stands for several tasks: ``ruler`` is all 13 RULER tasks. A path
+to a ``.jsonl`` file is accepted as a task as well (see :mod:`kvpress_lab.tasks.jsonl`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from kvpress_lab.tasks.base import (
 )
 from kvpress_lab.tasks.jsonl import read_jsonl
 from kvpress_lab.tasks.ruler import niah, niah_multikey, variable_tracking
+from kvpress_lab.tasks.ruler_suite import RULER_TASKS
 from kvpress_lab.tasks.scoring import babilong_match, string_match_all, string_match_part
 
 __all__ = [
     "METRICS",
     "TASKS",
+    "TASK_GROUPS",
     "CountTokens",
     "Sample",
     "SampleGenerator",
     "available_tasks",
     "babilong_match",
+    "expand_tasks",
     "generate_samples",
     "score",
     "string_match_all",
@@ -44,14 +49,27 @@ TASKS: Mapping[str, SampleGenerator] = types.MappingProxyType(
         "niah-multikey": niah_multikey,
         "vt": variable_tracking,
         **{f"babilong-qa{i}": babilong_generator(f"qa{i}") for i in range(1, 6)},
+        **RULER_TASKS,
     }
 )
 """Read-only registry: task name -> generator of one sample."""
 
+TASK_GROUPS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({"ruler": tuple(RULER_TASKS)})
+"""Read-only registry: group name -> the tasks it stands for (``ruler``: RULER's 13 tasks)."""
+
 
 def available_tasks() -> list[str]:
-    """Names of the built-in tasks, sorted."""
-    return sorted(TASKS)
+    """Names of the built-in tasks and task groups, sorted."""
+    return sorted([*TASKS, *TASK_GROUPS])
+
+
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """``tasks`` with every group name replaced by its tasks (order kept, duplicates dropped)."""
+    out: dict[str, None] = {}
+    for task in tasks:
+        for name in TASK_GROUPS.get(task, (task,)) if isinstance(task, str) else (task,):
+            out.setdefault(name, None)
+    return list(out)
 
 
 def _looks_like_path(task: str) -> bool:
@@ -67,14 +85,21 @@ def generate_samples(
 ) -> list[Sample]:
     """``n_samples`` samples of ``task`` whose contexts are ``target_tokens`` long (within 2 %).
 
-    ``task`` is a built-in name or a path to a ``.jsonl`` file; for a file, ``target_tokens``
-    is only checked and recorded, and the file's first ``n_samples`` samples are returned.
-    The same arguments always give the same samples.
+    ``task`` is a built-in name, a group name or a path to a ``.jsonl`` file. A group gives
+    ``n_samples`` samples of each of its tasks, task after task (each sample's ``task`` names
+    its own task). For a file, ``target_tokens`` is only checked and recorded, and the file's
+    first ``n_samples`` samples are returned. The same arguments always give the same samples.
     """
     check_generation_args(target_tokens, n_samples, seed)
     if not isinstance(task, str | os.PathLike):
         raise InputError(f"task must be a task name or a path, got {task!r}")
     name = os.fspath(task)
+    if isinstance(task, str) and name in TASK_GROUPS:
+        return [
+            sample
+            for member in TASK_GROUPS[name]
+            for sample in generate_samples(member, target_tokens, n_samples, seed, count_tokens)
+        ]
     if isinstance(task, str) and name in TASKS:
         generator = TASKS[name]
         return [

@@ -13,7 +13,7 @@ import bisect
 import functools
 
 from kvpress_lab.tasks.babi import make_story
-from kvpress_lab.tasks.background import Background, kjv_background
+from kvpress_lab.tasks.background import Background, babilong_background
 from kvpress_lab.tasks.base import (
     CountTokens,
     Sample,
@@ -71,7 +71,7 @@ def _generate(
     task = f"babilong-{qa}"
     rng = make_rng(task, target_tokens, seed, index)
     story = make_story(qa, rng)
-    background = kjv_background()
+    background = babilong_background()
     pieces, size = background.pieces, len(background.pieces)
     start = rng.randrange(size)
     while not background.sentence_end[start - 1]:  # begin the excerpt at a sentence start
@@ -114,6 +114,7 @@ def _generate(
             "facts": list(story.facts),
             "fact_positions": positions(fit.units),
             "background": background.name,
+            **({"note": background.note} if background.note else {}),
             "background_start": start,
             "filler_units": fit.units,
         },

