@@ -21,11 +21,12 @@ import attrs
 import torch
 
 if TYPE_CHECKING:
-    from torch import nn
+    from kvpress_lab.adapters import ModelAdapter
 
 __all__ = [
     "Allocation",
     "Budgeter",
+    "KVCacheView",
     "LayerObservation",
     "ScoreSource",
     "Scorer",
@@ -104,23 +105,22 @@ class LayerObservation:
     """What a scorer sees of one attention layer during a forward pass.
 
     ``hidden`` is the attention layer's input (after its input norm) for the rows of this forward
-    pass; ``cos``/``sin`` are the rotary embeddings of those rows. ``keys`` are the layer's cached
+    pass and ``positions`` their positions as the engine fed them. ``keys`` are the layer's cached
     keys after this pass (past slots first, then the new rows). Row ``r`` sits in slot
-    ``n_past + r``.
+    ``n_past + r``. Model-specific arithmetic (query projection and norm, RoPE, scaling,
+    soft-capping) is the adapter's: scorers call :meth:`queries` and :meth:`attention`.
     """
 
     layer_idx: int
     n_layers: int
-    attn: nn.Module
+    adapter: ModelAdapter
     hidden: torch.Tensor  # [B, n_rows, hidden_size]
-    cos: torch.Tensor  # [B, n_rows, head_dim]
-    sin: torch.Tensor
+    positions: torch.Tensor  # [n_rows] long
     keys: torch.Tensor  # [B, H, N, head_dim]
     n_past: int
     question_rows: slice | None  # rows holding the question, None when it is not visible
     observation_window: int  # rows to observe when no question is visible
-    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    layout: StepLayout
+    layout: StepLayout | None
 
     @property
     def n_rows(self) -> int:
@@ -139,35 +139,56 @@ class LayerObservation:
         Recomputing from the layer input means no attention-weight tensor is ever needed, so
         scoring works under SDPA and FlashAttention alike.
         """
-        attn = self.attn
-        h = self.hidden[:, rows]
-        q = attn.q_proj(h).view(h.shape[0], h.shape[1], -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        q = q.transpose(1, 2)
-        # the model's own RoPE function rotates a key too; hand it one head so that costs nothing
-        q, _ = self.apply_rotary(q, q[:, :1], self.cos[:, rows], self.sin[:, rows])
-        return q
+        return self.adapter.queries(self.layer_idx, self.hidden[:, rows], self.positions[rows])
 
     def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
         """Softmax attention of ``rows`` over every key they can see, float32.
 
         Returns [B, H, G, r, N] with ``G`` query heads per KV head; keys are broadcast, never
         copied per query head. Slots after a row (later rows of this pass) get zero weight.
+        Scaling and logit soft-capping are the model's own.
         """
-        q = self.queries(rows).float()
-        b, hq, r, d = q.shape
-        h = self.keys.shape[1]
-        g = hq // h
-        # [B, H, G*r, D] @ [B, H, D, N]: one matmul per KV head, keys never repeated per group
-        logits = torch.matmul(q.reshape(b, h, g * r, d), self.keys.float().transpose(-1, -2))
-        logits = logits.view(b, h, g, r, -1) * self.attn.scaling
+        logits = self.adapter.attention_logits(self.layer_idx, self.queries(rows), self.keys)
         if causal:
             n = self.keys.shape[2]
             row_slot = self.n_past + torch.arange(rows.start, rows.stop, device=logits.device)
             visible = torch.arange(n, device=logits.device)[None, :] <= row_slot[:, None]
             logits = logits.masked_fill(~visible, float("-inf"))
         return torch.softmax(logits, dim=-1)
+
+
+class KVCacheView:
+    """The compressed cache as decode-time plugins see it: per-layer lengths and in-place eviction.
+
+    Created by the engine around its cache; plugins never touch cache internals.
+    """
+
+    def __init__(self, adapter: ModelAdapter, cache: object) -> None:
+        self._adapter, self._cache = adapter, cache
+
+    @property
+    def n_layers(self) -> int:
+        return self._adapter.n_layers
+
+    def length(self, layer: int) -> int:
+        """Slots held by ``layer`` (per KV head)."""
+        return self._adapter.cache_length(self._cache, layer)
+
+    def keep(self, layer: int, indices: torch.Tensor) -> None:
+        """Keep only slots ``indices`` ([H|1, k], sorted) of ``layer``; drop the rest."""
+        keys, values = self._adapter.layer_kv(self._cache, layer)
+        self._adapter.set_layer_kv(
+            self._cache, layer, take_slots(keys, indices), take_slots(values, indices)
+        )
+
+
+def take_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, N, D]; idx: [H|1, k] slot indices -> [B, H, k, D]."""
+    idx = idx.to(x.device)
+    if idx.shape[0] == 1:
+        return x.index_select(2, idx[0])
+    b, h, _, d = x.shape
+    return x.gather(2, idx[None, :, :, None].expand(b, h, idx.shape[-1], d))
 
 
 class ScoreSource(ABC):

@@ -6,10 +6,15 @@ import time
 
 import torch
 
-from kvpress_lab.engine.cache import kv_bytes
+from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.decode import greedy_decode, stop_token_ids
 from kvpress_lab.engine.result import RunResult
-from kvpress_lab.engine.runner import CompressedContext, check_fits, prefill_and_compress
+from kvpress_lab.engine.runner import (
+    CompressedContext,
+    check_fits,
+    check_supported,
+    prefill_and_compress,
+)
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments, build_prompt
@@ -52,6 +57,7 @@ def run_segments(
     """:func:`run` on already tokenized context and question segments."""
     check_fits(lm, segments, max_new_tokens)
     comp = policy.compose()
+    check_supported(adapter_for(lm.model), comp, segments, max_new_tokens, query_agnostic)
     state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
     return answer_compressed(
         lm,
@@ -75,8 +81,9 @@ def answer_compressed(
     max_new_tokens: int,
 ) -> RunResult:
     """Answer the question over an already compressed context and collect the result."""
-    held = state.cache.get_seq_length()
-    per_token = kv_bytes(state.cache) / max(1, held)
+    adapter = adapter_for(lm.model)
+    held = adapter.cache_length(state.cache)
+    per_token = adapter.kv_bytes(state.cache) / max(1, held)
     kept_bytes = int(round(per_token * state.kept_tokens))
 
     if lm.device.type == "cuda":
@@ -85,17 +92,17 @@ def answer_compressed(
     evictor = comp.decode_evictor.start(lm, state) if comp.decode_evictor is not None else None
     try:
         answer_ids = greedy_decode(
-            lm.model,
+            adapter,
             state.cache,
             segments.question_ids,
             state.next_position,
             max_new_tokens,
             stop_token_ids(lm.model, lm.tokenizer),
             first_logits=state.question_logits,
-            evictor=evictor,
+            eviction=evictor,
         )
     finally:
-        # evictors may hold resources for the answer (H2O's attention hooks): release them
+        # evictors may hold resources for the answer: release them
         close = getattr(evictor, "close", None)
         if close is not None:
             close()

@@ -1,33 +1,18 @@
-"""Operations on a transformers DynamicCache: real smaller tensors, never masks."""
+"""Compaction of the engine's cache: real smaller tensors, never masks.
+
+Cache layer access goes through the model adapter, the one place that knows how transformers
+stores keys and values.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
+from kvpress_lab.adapters import ModelAdapter
 from kvpress_lab.errors import PluginError
+from kvpress_lab.interfaces import take_slots
 
-__all__ = ["gather_slots", "keep_mask_to_indices", "kv_bytes", "layer_kv", "set_layer_kv"]
-
-
-def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lay = cache.layers[layer]
-    return lay.keys, lay.values
-
-
-def set_layer_kv(cache: DynamicCache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    lay = cache.layers[layer]
-    lay.keys, lay.values = keys, values
-
-
-def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes held by keys and values of every layer."""
-    total = 0
-    for lay in cache.layers:
-        if getattr(lay, "keys", None) is not None and lay.keys.numel():
-            total += lay.keys.numel() * lay.keys.element_size()
-            total += lay.values.numel() * lay.values.element_size()
-    return total
+__all__ = ["gather_slots", "keep_mask_to_indices"]
 
 
 def keep_mask_to_indices(keep: torch.Tensor, who: str) -> torch.Tensor:
@@ -44,18 +29,9 @@ def keep_mask_to_indices(keep: torch.Tensor, who: str) -> torch.Tensor:
     return slots[keep].view(*keep.shape[:-1], k)
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, N, D]; idx: [H'|1, k] -> [B, H, k, D]."""
-    if idx.shape[0] == 1:
-        return x.index_select(2, idx[0].to(x.device))
-    b, h, _, d = x.shape
-    gather_idx = idx.to(x.device)[None, :, :, None].expand(b, h, idx.shape[-1], d)
-    return x.gather(2, gather_idx)
-
-
-def gather_slots(cache: DynamicCache, indices: torch.Tensor) -> None:
+def gather_slots(adapter: ModelAdapter, cache: object, indices: torch.Tensor) -> None:
     """Keep only ``indices`` ([Ly'|1, H'|1, k] slot indices) in every layer, in place."""
-    for layer in range(len(cache.layers)):
+    for layer in range(adapter.n_layers):
         idx = indices[layer if indices.shape[0] > 1 else 0]
-        keys, values = layer_kv(cache, layer)
-        set_layer_kv(cache, layer, _take(keys, idx), _take(values, idx))
+        keys, values = adapter.layer_kv(cache, layer)
+        adapter.set_layer_kv(cache, layer, take_slots(keys, idx), take_slots(values, idx))

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers import DynamicCache
+
+from kvpress_lab.adapters import ModelAdapter
+from kvpress_lab.engine.observe import Observer
+from kvpress_lab.interfaces import KVCacheView
 
 __all__ = ["greedy_decode", "stop_token_ids"]
 
@@ -22,43 +25,61 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class _Stepper:
+    """One forward pass at a time over the cache; runs the evictor's scorer and eviction."""
+
+    def __init__(self, adapter: ModelAdapter, cache, eviction) -> None:
+        self.adapter, self.cache, self.eviction = adapter, cache, eviction
+        self.device = next(adapter.model.parameters()).device
+        self.view = KVCacheView(adapter, cache)
+
+    def __call__(self, ids: torch.Tensor, position: int, logits_to_keep: int = 1) -> torch.Tensor:
+        n = int(ids.numel())
+        slot = self.adapter.cache_length(self.cache)
+        positions = torch.arange(position, position + n, device=self.device)
+        slots = torch.arange(slot, slot + n, device=self.device)
+        scorer = getattr(self.eviction, "scorer", None)
+        observer = Observer(
+            self.adapter,
+            self.cache,
+            [("evict", scorer)] if scorer is not None else [],
+            layout=None,
+            positions=positions,
+            question_rows=None,
+            observation_window=n,
+        )
+        with observer.attached():
+            logits = self.adapter.forward(ids.to(self.device), self.cache, positions, slots)
+        if self.eviction is not None:
+            self.eviction.after_forward(self.view, observer.observed.get("evict"))
+        return logits[-1]
+
+
 @torch.no_grad()
 def greedy_decode(
-    model,
-    cache: DynamicCache,
+    adapter: ModelAdapter,
+    cache,
     prompt_ids: torch.Tensor | None,
     start_position: int,
     max_new_tokens: int,
     stop_ids: set[int],
     first_logits: torch.Tensor | None = None,
-    evictor=None,
+    eviction=None,
 ) -> list[int]:
     """Feed ``prompt_ids`` (the question) at ``start_position``.., then decode greedily.
 
     When ``first_logits`` is given the prompt was already fed (its KV is in the cache) and
-    decoding starts from those logits. ``evictor``, if given, is called after every forward pass
-    with the cache so decode-time policies (H2O's) can keep it at their budget.
+    decoding starts from those logits. ``eviction``, if given, is a decode-time policy (H2O's):
+    its optional ``scorer`` observes every forward pass and ``after_forward(view, observed)``
+    evicts through a :class:`~kvpress_lab.interfaces.KVCacheView` to keep the cache at budget.
     """
-    device = next(model.parameters()).device
+    step = _Stepper(adapter, cache, eviction)
     position = start_position
     if first_logits is None:
-        n = int(prompt_ids.numel())
-        slot = cache.get_seq_length()
-        out = model(
-            input_ids=prompt_ids.to(device)[None],
-            past_key_values=cache,
-            position_ids=torch.arange(position, position + n, device=device)[None],
-            cache_position=torch.arange(slot, slot + n, device=device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[0, -1]
-        position += n
-        if evictor is not None:
-            evictor.after_forward(cache)
+        logits = step(prompt_ids, position)
     else:  # the question is already in the cache
         logits = first_logits
-        position += int(prompt_ids.numel())
+    position += int(prompt_ids.numel())
     generated: list[int] = []
     for _ in range(max_new_tokens):
         token = int(torch.argmax(logits))
@@ -67,16 +88,6 @@ def greedy_decode(
         generated.append(token)
         if len(generated) == max_new_tokens:
             break
-        slot = cache.get_seq_length()
-        out = model(
-            input_ids=torch.tensor([[token]], device=device),
-            past_key_values=cache,
-            position_ids=torch.tensor([[position]], device=device),
-            cache_position=torch.tensor([slot], device=device),
-            use_cache=True,
-        )
-        logits = out.logits[0, -1]
+        logits = step(torch.tensor([token]), position)
         position += 1
-        if evictor is not None:
-            evictor.after_forward(cache)
     return generated

@@ -15,17 +15,11 @@ from collections.abc import Mapping
 
 import attrs
 import torch
-from transformers import DynamicCache
 
-from kvpress_lab.engine.cache import (
-    gather_slots,
-    keep_mask_to_indices,
-    kv_bytes,
-    layer_kv,
-    set_layer_kv,
-)
+from kvpress_lab.adapters import ModelAdapter, adapter_for
+from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices
 from kvpress_lab.engine.checks import check_allocation, check_selection
-from kvpress_lab.engine.observe import Observer, attention_layers
+from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
 from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout
 from kvpress_lab.models import LoadedModel
@@ -33,17 +27,24 @@ from kvpress_lab.ops.rope import rerotate_keys
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments
 
-__all__ = ["CompressedContext", "check_fits", "compress_step", "prefill_and_compress"]
+__all__ = [
+    "CompressedContext",
+    "check_fits",
+    "check_supported",
+    "compress_step",
+    "prefill_and_compress",
+]
 
 
 @attrs.define
 class CompressedContext:
     """The state after prefill and compression, ready for answering."""
 
-    cache: DynamicCache
+    cache: object  # the transformers cache, read and written through the adapter
     context_index: torch.Tensor  # [Ly, H, k] context position held by every kept slot
     next_position: int  # position of the first question token when answering
     context_length: int
+    held_tokens: int  # slots in the cache per layer and head (kept context + a kept question)
     peak_kv_tokens: int  # most slots held at once during prefill (per layer and head)
     peak_kv_bytes: int
     prefill_s: float
@@ -58,13 +59,19 @@ class CompressedContext:
 
 
 class _Scores(ScoreSource):
-    def __init__(self, scorers: Mapping[str, Scorer], layout, observed, cache) -> None:
-        self._scorers, self._layout, self._observed, self._cache = scorers, layout, observed, cache
+    def __init__(
+        self, scorers: Mapping[str, Scorer], layout, observed, adapter: ModelAdapter, cache
+    ) -> None:
+        self._scorers, self._layout, self._observed = scorers, layout, observed
+        self._adapter, self._cache = adapter, cache
 
     def scores(self, name: str, candidates: torch.Tensor) -> torch.Tensor:
         scorer = self._scorers[name]
         out = scorer.score(
-            self._layout, self._observed[name], candidates, lambda i: self._cache.layers[i].keys
+            self._layout,
+            self._observed[name],
+            candidates,
+            lambda i: self._adapter.layer_kv(self._cache, i)[0],
         )
         if out.dim() != 3 or out.shape[-1] != self._layout.n_slots:
             raise PluginError(
@@ -86,6 +93,25 @@ def check_fits(lm: LoadedModel, segments: PromptSegments, max_new_tokens: int) -
         )
 
 
+def check_supported(
+    adapter: ModelAdapter,
+    comp: Composition,
+    segments: PromptSegments,
+    max_new_tokens: int,
+    query_agnostic: bool,
+) -> None:
+    """Refuse, before any model work, what the model's adapter cannot run exactly."""
+    L = segments.context_length
+    block = comp.engine.block_size
+    multi_block = block is not None and block < L
+    original = comp.engine.position_mode == "original"
+    adapter.check_run(
+        total_tokens=L + segments.question_length + max_new_tokens,
+        position_jumps=multi_block and original and not query_agnostic,
+        rerotates=not original,
+    )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,15 +131,15 @@ def prefill_and_compress(
     question = segments.question_ids.to(device)
     L = int(ctx.numel())
     comp.budgeter.validate(L)
-    attn_layers = attention_layers(model)
-    n_layers = len(attn_layers)
-    n_kv = model.config.num_key_value_heads
+    adapter = adapter_for(model)
+    check_supported(adapter, comp, segments, 0, query_agnostic)
+    n_layers, n_kv = adapter.n_layers, adapter.n_kv_heads
     block = comp.engine.block_size or L
     bounds = [(s, min(s + block, L)) for s in range(0, L, block)]
     contiguous = comp.engine.position_mode == "contiguous"
     Q = 0 if query_agnostic else int(question.numel())
 
-    cache = DynamicCache(config=model.config)
+    cache = adapter.new_cache()
     context_index = torch.empty(n_layers, n_kv, 0, dtype=torch.long)
     prefill_s = compress_s = 0.0
     peak_tokens = peak_bytes = 0
@@ -141,32 +167,27 @@ def prefill_and_compress(
             n_question=Q,
             context_index=step_index,
         )
-        allocation, evicts, observer = plan_step(model, comp, layout, n_in)
+        allocation, evicts, observer = plan_step(adapter, cache, comp, layout, n_in, positions)
         _sync(device)
         t0 = time.perf_counter()
         with observer.attached():
-            out = model(
-                input_ids=ids[None],
-                past_key_values=cache,
-                position_ids=positions[None],
-                cache_position=torch.arange(n_past, n_past + n_in, device=device),
-                use_cache=True,
-                logits_to_keep=1,
+            logits = adapter.forward(
+                ids, cache, positions, torch.arange(n_past, n_past + n_in, device=device)
             )
         _sync(device)
         t1 = time.perf_counter()
         peak_tokens = max(peak_tokens, n_past + n_in)
-        peak_bytes = max(peak_bytes, kv_bytes(cache))
+        peak_bytes = max(peak_bytes, adapter.kv_bytes(cache))
 
         context_index, question_logits = compress_step(
-            model,
+            adapter,
             comp,
             cache,
             layout,
             allocation,
             evicts,
             observer.observed,
-            out.logits[0, -1],
+            logits[-1],
             last=bi == len(bounds) - 1,
         )
         _sync(device)
@@ -176,6 +197,7 @@ def prefill_and_compress(
 
     return CompressedContext(
         cache=cache,
+        held_tokens=int(context_index.shape[-1]),
         context_index=context_index[
             ..., : context_index.shape[-1] - (Q if question_logits is not None else 0)
         ],
@@ -191,7 +213,12 @@ def prefill_and_compress(
 
 
 def plan_step(
-    model, comp: Composition, layout: StepLayout, n_in: int
+    adapter: ModelAdapter,
+    cache: object,
+    comp: Composition,
+    layout: StepLayout,
+    n_in: int,
+    positions: torch.Tensor,
 ) -> tuple[Allocation, bool, Observer]:
     """Ask the budgeter for this step's allocation and prepare the scorers' observer.
 
@@ -207,9 +234,11 @@ def plan_step(
     )
     Q = layout.n_question
     observer = Observer(
-        model,
+        adapter,
+        cache,
         list(used.items()),
         layout,
+        positions,
         question_rows=slice(n_in - Q, n_in) if Q else None,
         observation_window=comp.engine.observation_window,
     )
@@ -217,9 +246,9 @@ def plan_step(
 
 
 def compress_step(
-    model,
+    adapter: ModelAdapter,
     comp: Composition,
-    cache: DynamicCache,
+    cache: object,
     layout: StepLayout,
     allocation: Allocation,
     evicts: bool,
@@ -244,13 +273,13 @@ def compress_step(
         selected = torch.empty(1, 1, 0, dtype=torch.long)
         keep = _merge(allocation, selected, layout, comp.selector.name)
     else:
-        source = _Scores(comp.scorers, layout, observed, cache)
+        source = _Scores(comp.scorers, layout, observed, adapter, cache)
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
         keep = _merge(allocation, selected, layout, comp.selector.name)
     indices = keep_mask_to_indices(keep, comp.budgeter.name)
-    gather_slots(cache, indices)
+    gather_slots(adapter, cache, indices)
     if contiguous:
-        _rerotate_contiguous(model, cache, layout, step_index, indices, layout.n_past)
+        _rerotate_contiguous(adapter, cache, layout, step_index, indices)
     return _gather_index(step_index, indices), None
 
 
@@ -280,7 +309,7 @@ def _gather_index(step_index: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     return step_index.gather(-1, indices.expand(ly, h, indices.shape[-1]))
 
 
-def _rerotate_contiguous(model, cache, layout, step_index, indices, n_past) -> None:
+def _rerotate_contiguous(adapter: ModelAdapter, cache, layout, step_index, indices) -> None:
     """Move kept keys from their current positions to 0..k-1."""
     n_layers, n_kv, _ = step_index.shape
     # current position of every slot: past slots sit at 0..n_past-1, new rows right after
@@ -288,15 +317,15 @@ def _rerotate_contiguous(model, cache, layout, step_index, indices, n_past) -> N
     old = current.gather(-1, indices.expand(n_layers, n_kv, indices.shape[-1]))
     k = indices.shape[-1]
     new = torch.arange(k)
-    rotary = model.model.rotary_emb
     for layer in range(n_layers):
-        keys, values = layer_kv(cache, layer)
         old_l = old[layer]
-        if bool((old_l == new).all()):
+        rope = adapter.rope(layer)
+        if rope is None or bool((old_l == new).all()):
             continue
+        keys, values = adapter.layer_kv(cache, layer)
         pos = old_l[0] if bool((old_l == old_l[:1]).all()) else old_l
-        keys = rerotate_keys(keys, pos.to(keys.device), new.to(keys.device), rotary)
-        set_layer_kv(cache, layer, keys, values)
+        keys = rerotate_keys(keys, pos.to(keys.device), new.to(keys.device), rope)
+        adapter.set_layer_kv(cache, layer, keys, values)
 
 
 def validate_policy(policy: Policy, context_length: int) -> None:

@@ -18,21 +18,19 @@ gather.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
+from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.api import answer_compressed
-from kvpress_lab.engine.cache import kv_bytes
-from kvpress_lab.engine.observe import attention_layers
 from kvpress_lab.engine.result import RunResult
 from kvpress_lab.engine.runner import (
     CompressedContext,
     _sync,
     check_fits,
+    check_supported,
     compress_step,
     plan_step,
 )
@@ -48,17 +46,6 @@ def can_share_prefill(comp: Composition, context_length: int) -> bool:
     """Whether the policy compresses ``context_length`` tokens in one step (one block)."""
     block = comp.engine.block_size
     return block is None or block >= context_length
-
-
-def _copy_cache(cache: DynamicCache) -> DynamicCache:
-    """A cache whose layers are new objects pointing at the same tensors.
-
-    The engine never writes into cached tensors: gathering, re-rotation and decoding all assign
-    new tensors to the layer, so the shared tensors stay intact for the next policy.
-    """
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
 
 
 @torch.no_grad()
@@ -77,10 +64,12 @@ def run_shared(
     """
     check_fits(lm, segments, max_new_tokens)
     model, device = lm.model, lm.device
+    adapter = adapter_for(model)
     comps = [p.compose() for p in policies]
     L = segments.context_length
     for pol, comp in zip(policies, comps, strict=True):
         comp.budgeter.validate(L)
+        check_supported(adapter, comp, segments, max_new_tokens, query_agnostic)
         if not can_share_prefill(comp, L):
             raise ValueError(
                 f"policy {pol.name!r} runs block-wise (block_size={comp.engine.block_size}) "
@@ -89,8 +78,7 @@ def run_shared(
     ctx = segments.context_ids.to(device)
     question = segments.question_ids.to(device)
     Q = 0 if query_agnostic else int(question.numel())
-    n_layers = len(attention_layers(model))
-    n_kv = model.config.num_key_value_heads
+    n_layers, n_kv = adapter.n_layers, adapter.n_kv_heads
     ids = torch.cat([ctx, question[:Q]])
     n_in = int(ids.numel())
     # one block starting at 0: "original" and "contiguous" positions coincide (0 .. L+Q-1)
@@ -106,37 +94,28 @@ def run_shared(
         n_question=Q,
         context_index=step_index,
     )
-    plans = []
-    for comp in comps:
-        plans.append(plan_step(model, comp, layout, n_in))
-
-    cache = DynamicCache(config=model.config)
+    cache = adapter.new_cache()
+    plans = [plan_step(adapter, cache, comp, layout, n_in, positions) for comp in comps]
     _sync(device)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for _, _, observer in plans:
             stack.enter_context(observer.attached())
-        out = model(
-            input_ids=ids[None],
-            past_key_values=cache,
-            position_ids=positions[None],
-            cache_position=torch.arange(0, n_in, device=device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = adapter.forward(ids, cache, positions, torch.arange(0, n_in, device=device))
     _sync(device)
     t1 = time.perf_counter()
     prefill_s = (t1 - t0) - sum(obs.seconds for _, _, obs in plans)
-    peak_bytes = kv_bytes(cache)
-    last_logits = out.logits[0, -1]
+    peak_bytes = adapter.kv_bytes(cache)
+    last_logits = logits[-1]
 
     for i, (policy, comp, (allocation, evicts, observer)) in enumerate(
         zip(policies, comps, plans, strict=True)
     ):
-        own = cache if i == len(comps) - 1 else _copy_cache(cache)
+        # the engine never writes into cached tensors, only assigns new ones: sharing is safe
+        own = cache if i == len(comps) - 1 else adapter.copy_cache(cache)
         t2 = time.perf_counter()
         context_index, question_logits = compress_step(
-            model,
+            adapter,
             comp,
             own,
             layout,
@@ -151,6 +130,7 @@ def run_shared(
         contiguous = comp.engine.position_mode == "contiguous"
         state = CompressedContext(
             cache=own,
+            held_tokens=int(context_index.shape[-1]),
             context_index=context_index[
                 ..., : context_index.shape[-1] - (Q if question_logits is not None else 0)
             ],

@@ -63,11 +63,36 @@ def _angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
     return positions.to(torch.float32).unsqueeze(-1) * inv_freq
 
 
+def _spec(rope: object) -> tuple[Tensor, int, str, object]:
+    """(inv_freq, rotary_dim, convention, rope_type) of a RopeSpec or a rotary embedding module."""
+    inv_freq = getattr(rope, "inv_freq", None)
+    if not isinstance(inv_freq, Tensor):
+        raise ValueError(
+            f"{type(rope).__name__} has no `inv_freq` tensor; pass the model adapter's "
+            "RopeSpec (adapter.rope(layer)) or the model's rotary embedding module"
+        )
+    rotary_dim = getattr(rope, "rotary_dim", None) or 2 * inv_freq.numel()
+    convention = getattr(rope, "convention", "rotate_half")
+    rope_type = rope.rope_type if isinstance(getattr(rope, "rope_type", None), str) else None
+    if rope_type is None:
+        rope_type = _rope_type(rope)
+    return inv_freq, int(rotary_dim), convention, rope_type
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, convention: str) -> Tensor:
+    if convention == "interleaved":  # pairs (2i, 2i+1)
+        pairs = x.unflatten(-1, (-1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        c, s_ = cos[..., ::2], sin[..., ::2]
+        return torch.stack((x1 * c - x2 * s_, x1 * s_ + x2 * c), dim=-1).flatten(-2)
+    return apply_rope(x, cos, sin)
+
+
 def rerotate_keys(
     keys: Tensor,
     old_positions: Tensor,
     new_positions: Tensor,
-    rotary_emb: torch.nn.Module,
+    rope: object,
 ) -> Tensor:
     """Move post-RoPE keys from ``old_positions`` to ``new_positions``.
 
@@ -75,22 +100,22 @@ def rerotate_keys(
         keys: ``[batch, kv_heads, n, head_dim]`` keys already rotated at ``old_positions``.
         old_positions, new_positions: integer tensors of shape ``[n]`` (shared by all heads) or
             ``[kv_heads, n]`` (per head); deltas may be negative.
-        rotary_emb: the model's rotary embedding module (``model.model.rotary_emb``).
+        rope: the layer's :class:`~kvpress_lab.adapters.RopeSpec` (``adapter.rope(layer)``), or
+            a rotary embedding module with ``inv_freq`` (full rotary, rotate-half convention).
 
     Returns:
         Keys rotated by ``new - old``, in ``keys.dtype``. The module's ``attention_scaling``
         (yarn / longrope mscale) is already inside the keys and is not applied again: only a pure
-        rotation is applied.
+        rotation is applied. With partial rotary only the first ``rotary_dim`` channels turn.
 
-    The angles are formed from the module's ``inv_freq`` exactly as transformers forms them
-    (float32 product ``position * inv_freq``) for the old and the new positions, and their
-    difference is taken in float64, so the result matches RoPE applied from scratch at the new
-    positions up to float32 rounding of cos/sin, even at positions in the 100k range. The
-    rotation itself is computed in float32. Equal old and new positions return the keys unchanged.
+    The angles are formed from ``inv_freq`` exactly as transformers forms them (float32 product
+    ``position * inv_freq``) for the old and the new positions, and their difference is taken in
+    float64, so the result matches RoPE applied from scratch at the new positions up to float32
+    rounding of cos/sin, even at positions in the 100k range. The rotation itself is computed in
+    float32 whatever the keys' dtype. Equal old and new positions return the keys unchanged.
 
     Raises:
-        ConfigError (a ValueError): dynamic rope types, or a rotary dimension smaller than
-            ``head_dim`` (partial rotary).
+        ConfigError (a ValueError): dynamic rope types.
         ValueError: malformed shapes.
     """
     if keys.dim() != 4:
@@ -101,7 +126,7 @@ def rerotate_keys(
     _check_positions("old_positions", old_positions, kv_heads, n)
     _check_positions("new_positions", new_positions, kv_heads, n)
 
-    rope_type = _rope_type(rotary_emb)
+    inv_freq, rotary_dim, convention, rope_type = _spec(rope)
     type_names = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
     if any(isinstance(t, str) and "dynamic" in t for t in type_names):
         raise ConfigError(
@@ -109,17 +134,10 @@ def rerotate_keys(
             "its frequencies from the sequence length, so a rotation by a position delta is not "
             "exact. Disable re-rotation for this model or use a static rope type."
         )
-    inv_freq = getattr(rotary_emb, "inv_freq", None)
-    if not isinstance(inv_freq, Tensor):
+    if rotary_dim > head_dim or rotary_dim != 2 * inv_freq.numel():
         raise ValueError(
-            f"rotary_emb ({type(rotary_emb).__name__}) has no `inv_freq` tensor; pass the "
-            "model's rotary embedding module (model.model.rotary_emb)"
-        )
-    rotary_dim = 2 * inv_freq.numel()
-    if rotary_dim != head_dim:
-        raise ConfigError(
-            f"key re-rotation needs RoPE over the full head dimension, but the rotary dimension "
-            f"is {rotary_dim} and head_dim is {head_dim} (partial rotary is not supported)"
+            f"rotary dimension {rotary_dim} does not fit head_dim {head_dim} with "
+            f"{inv_freq.numel()} frequencies"
         )
 
     device = keys.device
@@ -129,11 +147,18 @@ def rerotate_keys(
     old_angles = _angles(old_positions.to(device), inv_freq)
     new_angles = _angles(new_positions.to(device), inv_freq)
     delta = new_angles.to(diff_dtype) - old_angles.to(diff_dtype)  # [n, d/2] or [kv_heads, n, d/2]
-    delta = torch.cat((delta, delta), dim=-1)
+    if convention == "interleaved":
+        delta = delta.repeat_interleave(2, dim=-1)
+    else:
+        delta = torch.cat((delta, delta), dim=-1)
     cos = delta.cos().to(torch.float32)
     sin = delta.sin().to(torch.float32)
     if cos.dim() == 2:  # shared by all heads
         cos, sin = cos[None, None], sin[None, None]
     else:
         cos, sin = cos[None], sin[None]
-    return apply_rope(keys.to(torch.float32), cos, sin).to(keys.dtype)
+    k32 = keys.to(torch.float32)
+    rotated = _rotate(k32[..., :rotary_dim], cos, sin, convention)
+    if rotary_dim < head_dim:
+        rotated = torch.cat((rotated, k32[..., rotary_dim:]), dim=-1)
+    return rotated.to(keys.dtype)

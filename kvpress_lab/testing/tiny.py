@@ -23,7 +23,7 @@ __all__ = [
     "tiny_model",
 ]
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "olmo2")
 VOCAB_SIZE = 260
 
 
@@ -45,14 +45,25 @@ class TinyTokenizer:
 
 
 def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, **extra):
-    """A transformers config for a tiny model of architecture ``arch`` (one of `ARCHS`)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A transformers config for a tiny model of architecture ``arch`` (one of `ARCHS`).
+
+    Each family keeps its distinguishing features switched on: mistral a sliding window, phi3
+    fused qkv with partial rotary, gemma2 logit soft-capping, gemma2/gemma3 alternating sliding
+    and full layers (gemma3 with its own local rotary base), qwen3/gemma3 per-head q_norm, olmo2
+    q_norm over the whole projection. Windows are longer than the tests' prompts; pass
+    ``sliding_window=`` to shorten them.
+    """
+    import transformers
 
     classes = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
+        "llama": "LlamaConfig",
+        "mistral": "MistralConfig",
+        "qwen2": "Qwen2Config",
+        "qwen3": "Qwen3Config",
+        "phi3": "Phi3Config",
+        "gemma2": "Gemma2Config",
+        "gemma3": "Gemma3TextConfig",
+        "olmo2": "Olmo2Config",
     }
     if arch not in classes:
         raise ValueError(f"arch={arch!r} is not one of {', '.join(ARCHS)}")
@@ -70,24 +81,47 @@ def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: 
         pad_token_id=0,
         tie_word_embeddings=False,
     )
+    alternating = ["sliding_attention", "full_attention"] * layers
     if arch == "mistral":
-        kwargs["sliding_window"] = None
+        kwargs["sliding_window"] = 4096
     if arch in ("qwen2", "qwen3"):
         kwargs["use_sliding_window"] = False
+    if arch == "phi3":
+        kwargs.pop("head_dim")  # phi3 derives it: hidden_size / heads = 16
+        kwargs["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+        }
+    if arch == "gemma2":
+        kwargs.update(
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=20.0,
+            final_logit_softcapping=30.0,
+            sliding_window=4096,
+            layer_types=alternating[:layers],
+        )
+    if arch == "gemma3":
+        kwargs.update(
+            query_pre_attn_scalar=16, sliding_window=4096, layer_types=alternating[:layers]
+        )
     kwargs.update(extra)
-    return classes[arch](**kwargs)
+    return getattr(transformers, classes[arch])(**kwargs)
 
 
-def _random_model(arch: str, seed: int, attn: str, **config):
+def _random_model(arch: str, seed: int, attn: str | None, **config):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **config)
-    cfg._attn_implementation = attn
+    # None: transformers' own default, SDPA where the architecture supports it (gemma2 on
+    # transformers >= 5.3 does not: soft-capping needs eager)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "sdpa", **config) -> LoadedModel:
+def tiny_model(
+    arch: str = "llama", seed: int = 0, attn: str | None = None, **config
+) -> LoadedModel:
     """A tiny random model with a `TinyTokenizer`, ready for `kvpress_lab.run`.
 
     ```python
@@ -144,7 +178,7 @@ def save_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
     hf_logging.disable_progress_bar()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    model = _random_model(arch, seed, "sdpa", **config)
+    model = _random_model(arch, seed, None, **config)
     model.save_pretrained(out)
     char_tokenizer().save_pretrained(out)
     return out

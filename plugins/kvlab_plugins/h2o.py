@@ -28,11 +28,9 @@ import torch
 
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
-from kvpress_lab.engine.cache import gather_slots
-from kvpress_lab.engine.observe import attention_layers, observation_from_hook
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
-from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+from kvpress_lab.interfaces import KVCacheView, LayerObservation, Scorer, StepLayout
 from kvpress_lab.policy import Composition, Policy, positive_int
 
 
@@ -119,69 +117,45 @@ class H2OScorer(Scorer):
         return table.gather(-1, context_index)
 
 
+@attrs.define(kw_only=True)
+class _AccumulatedAttention(Scorer):
+    """Observes every row of a decode forward pass (the engine passes all rows in)."""
+
+    name: ClassVar[str] = "h2o_decode"
+    query_block: int = 256
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        return accumulated_attention(obs, self.query_block)
+
+    def score(self, layout, observed, candidates, cache_keys) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError("used only for decode-time observation")
+
+
 class H2OEviction:
     """Decode-time H2O for one answer: accumulate attention, evict down to the budget.
 
-    Registers one forward hook per attention layer (removed by :meth:`close`) that adds the
-    attention of the new rows to every cached key's score; :meth:`after_forward` then keeps, per
-    layer and KV head, the ``recent`` latest slots and the best-scored others.
+    The engine runs :attr:`scorer` over the rows of every decode forward pass and hands its
+    per-layer attention to :meth:`after_forward`, which adds it to every cached key's score and
+    keeps, per layer and KV head, the ``recent`` latest slots and the best-scored others.
     """
 
-    def __init__(
-        self, model, scores: list[torch.Tensor], budget: int, recent: int, query_block: int
-    ) -> None:
+    def __init__(self, scores: list[torch.Tensor], budget: int, recent: int, query_block: int):
         self.scores = scores  # per layer [H, n_slots]
-        self.budget, self.recent, self.query_block = budget, recent, query_block
-        layers = attention_layers(model)
-        self._handles = [
-            attn.register_forward_hook(self._hook(i, len(layers)), with_kwargs=True)
-            for i, attn in enumerate(layers)
-        ]
+        self.budget, self.recent = budget, recent
+        self.scorer = _AccumulatedAttention(query_block=query_block)
 
-    def _hook(self, layer_idx: int, n_layers: int):
-        def hook(module, args, kwargs, output):
-            n_rows = int(
-                (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
-            )
-            obs = observation_from_hook(
-                module,
-                layer_idx,
-                n_layers,
-                args,
-                kwargs,
-                question_rows=None,
-                observation_window=n_rows,
-                layout=None,
-            )
-            with torch.no_grad():
-                new = accumulated_attention(obs, self.query_block).cpu()
-            old = self.scores[layer_idx]
+    def after_forward(self, cache: KVCacheView, observed) -> None:
+        for layer in range(cache.n_layers):
+            new = observed[layer].to(self.scores[layer].device)
+            old = self.scores[layer]
             new[:, : old.shape[-1]] += old
-            self.scores[layer_idx] = new
-
-        return hook
-
-    def after_forward(self, cache) -> None:
-        for layer in range(len(cache.layers)):
-            n = int(cache.layers[layer].keys.shape[2])
+            self.scores[layer] = new
+            n = cache.length(layer)
             if n <= self.budget:
                 continue
             keep = h2o_keep(self.scores[layer][:, :n], self.budget, self.recent)  # [H, C]
-            self.scores[layer] = self.scores[layer].gather(-1, keep)
-            one = _LayerView(cache, layer)
-            gather_slots(one, keep[None])
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-class _LayerView:
-    """A one-layer view of a cache, so engine.cache.gather_slots can compact a single layer."""
-
-    def __init__(self, cache, layer: int) -> None:
-        self.layers = [cache.layers[layer]]
+            self.scores[layer] = self.scores[layer].gather(-1, keep.to(new.device))
+            cache.keep(layer, keep)
 
 
 @attrs.define(kw_only=True)
@@ -193,18 +167,17 @@ class H2ODecodeEvictor:
     query_block: int = 256
 
     def start(self, lm, state) -> H2OEviction:
-        cache = state.cache
         scores = self.scorer.kept_scores(state.context_index)  # [Ly, H, k]
         per_layer = []
         for layer in range(scores.shape[0]):
-            n = int(cache.layers[layer].keys.shape[2])
+            n = state.held_tokens  # a question kept (nothing evicted) has no votes yet
             s = scores[layer]
             if n > s.shape[-1]:  # question slots kept (nothing was evicted): no votes yet
                 s = torch.cat([s, s.new_zeros(s.shape[0], n - s.shape[-1])], dim=-1)
             per_layer.append(s.clone())
         budget = state.kept_tokens
         recent = int(budget * self.recent_fraction)
-        return H2OEviction(lm.model, per_layer, budget, recent, self.query_block)
+        return H2OEviction(per_layer, budget, recent, self.query_block)
 
 
 @attrs.define(kw_only=True)

@@ -3,14 +3,16 @@ re-rotation against RoPE from scratch, H2O's decode-time eviction."""
 
 from __future__ import annotations
 
+import sys
+
 import attrs
 import pytest
 import torch
 from kvlab_plugins.finch import finch_keep_after
 from tiny import tiny_model
 
+from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.decode import greedy_decode
-from kvpress_lab.engine.observe import attention_layers, rotary_function
 from kvpress_lab.engine.runner import prefill_and_compress
 from kvpress_lab.interfaces import Allocation, Budgeter, StepLayout
 from kvpress_lab.policy import budget_tokens
@@ -21,6 +23,16 @@ from kvpress_lab.spec import load_policy
 L = 300
 Q = 12
 BLOCK = 64
+
+
+def attention_layers(model):
+    """The attention modules, found independently of the adapter under test."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def rotary_function(attn):
+    """The model family's own RoPE function (the reference the adapter must agree with)."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
 @pytest.fixture(scope="module")
@@ -182,23 +194,20 @@ def test_h2o_decode_eviction_keeps_the_cache_at_budget(lm, segments):
     sizes: list[list[int]] = []
     after = evictor.after_forward
 
-    def recording_after_forward(cache):
-        after(cache)
-        sizes.append([int(layer.keys.shape[2]) for layer in cache.layers])
+    def recording_after_forward(view, observed):
+        after(view, observed)
+        sizes.append([int(layer.keys.shape[2]) for layer in state.cache.layers])
 
     evictor.after_forward = recording_after_forward
-    try:
-        generated = greedy_decode(
-            lm.model,
-            state.cache,
-            segments.question_ids,
-            state.next_position,
-            33,
-            stop_ids=set(),
-            evictor=evictor,
-        )
-    finally:
-        evictor.close()
+    generated = greedy_decode(
+        adapter_for(lm.model),
+        state.cache,
+        segments.question_ids,
+        state.next_position,
+        33,
+        stop_ids=set(),
+        eviction=evictor,
+    )
     assert len(generated) == 33  # question pass + 32 generated tokens fed back
     assert len(sizes) == 33
     assert all(s == [budget, budget] for s in sizes)

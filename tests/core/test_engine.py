@@ -97,9 +97,9 @@ class _PositionRecorder:
         self.handle = model.model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        self.calls.append(
-            (kwargs["position_ids"][0].tolist(), kwargs["past_key_values"].get_seq_length())
-        )
+        # the reference reads the model's own inputs; the cache keyword was renamed in 5.24
+        cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
+        self.calls.append((kwargs["position_ids"][0].tolist(), cache.get_seq_length()))
 
 
 def test_decoding_positions_continue_from_original_length():

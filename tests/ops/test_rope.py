@@ -212,15 +212,26 @@ def test_rerotate_rejects_dynamic_rope():
     assert isinstance(info.value, ConfigError)
 
 
-def test_rerotate_rejects_partial_rotary():
+def test_rerotate_partial_rotary_equals_model_rope_from_scratch():
+    """GPT-NeoX rotates only the first rotary_dim channels (partial_rotary_factor < 1); its own
+    RoPE applied at the new positions is the reference."""
+    from transformers.models.gpt_neox import modeling_gpt_neox
+
     config = GPTNeoXConfig(
         hidden_size=64, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1
     )
     assert config.rope_parameters["partial_rotary_factor"] < 1
     rot = GPTNeoXForCausalLM(config).gpt_neox.rotary_emb
-    keys = torch.randn(1, 4, 5, 16)
-    with pytest.raises(ValueError, match="partial rotary"):
-        rerotate_keys(keys, torch.arange(5), torch.arange(5), rot)
+    assert 2 * rot.inv_freq.numel() < 16  # partial: fewer rotary channels than head_dim
+    pre = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(3))
+    old, new = torch.tensor([7, 30, 31, 90, 200]), torch.arange(5)
+    at_old = _model_rope(modeling_gpt_neox, rot, pre, old)
+    expected = _model_rope(modeling_gpt_neox, rot, pre, new)
+    got = rerotate_keys(at_old, old, new, rot)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the pass-through channels are untouched, and the check can fail: unrotated keys differ
+    assert torch.equal(got[..., 2 * rot.inv_freq.numel() :], pre[..., 2 * rot.inv_freq.numel() :])
+    assert float((at_old - expected).abs().max()) > 1e-2
 
 
 def test_rerotate_validates_shapes():

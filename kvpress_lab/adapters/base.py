@@ -1,0 +1,293 @@
+"""The shared model adapter: everything the engine and plugins need to know about a model.
+
+This package is the only code in kvpress-lab that knows transformers internals: where the
+attention layers are, what their input is, how queries are projected, normalised and rotated,
+how attention is scaled and capped, which layers slide, how a cache layer stores keys and values,
+and which keyword the model's forward takes for the cache. Family modules override the few
+methods where an architecture differs; everything else reads the shared behaviour here.
+
+Hooks registered here use only ``nn.Linear``'s positional input (stable across releases) and
+never read forward-hook keyword names; positions come from the engine, which feeds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from kvpress_lab.errors import ConfigError
+
+__all__ = ["ModelAdapter", "RopeSpec"]
+
+RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@attrs.frozen
+class RopeSpec:
+    """How one layer's keys are rotated: enough to re-rotate cached keys by a position delta.
+
+    ``inv_freq`` holds ``rotary_dim / 2`` frequencies; the first ``rotary_dim`` channels of a head
+    are rotated (partial rotary leaves the rest untouched). ``convention`` is ``"rotate_half"``
+    (pairs ``i`` and ``i + rotary_dim/2``) or ``"interleaved"`` (pairs ``2i`` and ``2i + 1``).
+    """
+
+    inv_freq: torch.Tensor
+    rotary_dim: int
+    convention: str = "rotate_half"
+    rope_type: str = "default"
+
+
+class ModelAdapter:
+    """Model knowledge for one loaded model; families subclass it and override what differs."""
+
+    family: ClassVar[str] = "llama"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    # what the family's attention does that the engine must reproduce when scoring
+    features: ClassVar[tuple[str, ...]] = ()
+    # attention implementations whose semantics the engine's position layout may break
+    _PACKED_POSITION_BACKENDS: ClassVar[tuple[str, ...]] = (
+        "flash_attention_2",
+        "flash_attention_3",
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        self.decoder = self._decoder(model)
+        self.layers = list(self.decoder.layers)
+        self.n_layers = len(self.layers)
+        self.n_heads = int(self.config.num_attention_heads)
+        self.n_kv_heads = int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(
+            getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+        )
+        self._cache_kwarg = self._find_cache_kwarg(model)
+
+    # ---------------------------------------------------------------- structure
+    @staticmethod
+    def _decoder(model: nn.Module) -> nn.Module:
+        inner = getattr(model, "model", model)
+        inner = getattr(inner, "language_model", inner)
+        if getattr(inner, "layers", None) is None:
+            raise ConfigError(
+                f"{type(model).__name__} has no decoder layer stack (model.layers); kvpress-lab "
+                "supports decoder-only causal LMs"
+            )
+        return inner
+
+    def attention(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer ``layer``."""
+        return self.layers[layer].self_attn
+
+    def query_projection(self, layer: int) -> nn.Module:
+        """The linear layer whose input is the attention input (hooked to capture it)."""
+        return self.attention(layer).q_proj
+
+    def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Queries before RoPE, [B, H_q, r, head_dim], normalised as the family does."""
+        attn = self.attention(layer)
+        q = attn.q_proj(hidden).view(*hidden.shape[:2], -1, self.head_dim)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:  # per-head norm (qwen3, gemma3)
+            q = q_norm(q)
+        return q.transpose(1, 2)
+
+    # ---------------------------------------------------------------- positions
+    def rotary_module(self) -> nn.Module:
+        return self.decoder.rotary_emb
+
+    def layer_type(self, layer: int) -> str:
+        types = getattr(self.config, "layer_types", None)
+        return types[layer] if types else "full_attention"
+
+    def rotary(self, layer: int, positions: torch.Tensor, like: torch.Tensor):
+        """(cos, sin) of ``positions`` [r] for ``layer``, shaped [1, r, rotary_dim]."""
+        return self.rotary_module()(like, positions.to(like.device)[None])
+
+    def _apply_rotary_fn(self, layer: int) -> RotaryFn:
+        module = sys.modules[type(self.attention(layer)).__module__]
+        return module.apply_rotary_pos_emb
+
+    def queries(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Queries of ``hidden`` rows at ``positions``, exactly as the attention forms them."""
+        q = self.project_queries(layer, hidden)
+        cos, sin = self.rotary(layer, positions, hidden)
+        # the family's own RoPE function also rotates a key: hand it one head so that costs nothing
+        q, _ = self._apply_rotary_fn(layer)(q, q[:, :1], cos.to(q.dtype), sin.to(q.dtype))
+        return q
+
+    def rope(self, layer: int) -> RopeSpec | None:
+        """The rotation applied to ``layer``'s keys, or None for a layer without RoPE."""
+        rot = self.rotary_module()
+        inv_freq = getattr(rot, "inv_freq", None)
+        if not isinstance(inv_freq, torch.Tensor):
+            raise ConfigError(
+                f"{self.family}: the rotary embedding {type(rot).__name__} exposes no inv_freq; "
+                "key re-rotation is not supported for this model"
+            )
+        return RopeSpec(
+            inv_freq=inv_freq, rotary_dim=2 * inv_freq.numel(), rope_type=self._rope_type(rot)
+        )
+
+    @staticmethod
+    def _rope_type(rot: nn.Module, layer_type: str | None = None) -> str:
+        rope_type = getattr(rot, "rope_type", None)
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(layer_type)
+        return str(rope_type or "default")
+
+    # ---------------------------------------------------------------- attention arithmetic
+    def scaling(self, layer: int) -> float:
+        return float(self.attention(layer).scaling)
+
+    def logit_softcap(self, layer: int) -> float | None:
+        return getattr(self.attention(layer), "attn_logit_softcapping", None)
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The window of a sliding-window layer, None for full attention."""
+        attn = self.attention(layer)
+        if hasattr(attn, "sliding_window"):  # families with per-layer types (qwen2/3, gemma)
+            return attn.sliding_window
+        # mistral, phi3: one window in the config for every layer
+        return getattr(self.config, "sliding_window", None)
+
+    def attention_logits(self, layer: int, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scaled (and soft-capped) logits [B, H, G, r, N] in float32; keys never repeated."""
+        b, hq, r, d = q.shape
+        h = keys.shape[1]
+        g = hq // h
+        logits = torch.matmul(
+            q.float().reshape(b, h, g * r, d), keys.float().transpose(-1, -2)
+        ).view(b, h, g, r, -1)
+        logits = logits * self.scaling(layer)
+        cap = self.logit_softcap(layer)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ---------------------------------------------------------------- cache
+    def new_cache(self):
+        """An empty cache with a full (non-sliding) layer per decoder layer.
+
+        Sliding layers would drop keys behind the engine's back; the engine refuses runs longer
+        than a sliding window instead (:meth:`check_run`), so full layers are always correct.
+        """
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @staticmethod
+    def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = cache.layers[layer]
+        return lay.keys, lay.values
+
+    @staticmethod
+    def set_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        lay = cache.layers[layer]
+        lay.keys, lay.values = keys, values
+
+    @staticmethod
+    def cache_length(cache: Any, layer: int = 0) -> int:
+        if layer >= len(cache.layers):
+            return 0
+        keys = getattr(cache.layers[layer], "keys", None)
+        return 0 if keys is None or keys.dim() < 3 else int(keys.shape[-2])
+
+    @staticmethod
+    def kv_bytes(cache: Any) -> int:
+        """Bytes held by the keys and values of every layer."""
+        total = 0
+        for lay in cache.layers:
+            keys = getattr(lay, "keys", None)
+            if keys is not None and keys.numel():
+                total += keys.numel() * keys.element_size()
+                total += lay.values.numel() * lay.values.element_size()
+        return total
+
+    @staticmethod
+    def copy_cache(cache: Any) -> Any:
+        """A cache whose layers are new objects pointing at the same tensors."""
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+        return new
+
+    # ---------------------------------------------------------------- forward
+    @staticmethod
+    def _find_cache_kwarg(model: nn.Module) -> str:
+        # transformers 5.24 renamed past_key_values to cache; older releases only know the former
+        params = inspect.signature(model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """Run the model over ``input_ids`` [n] at ``positions``, cache slots ``slots``.
+
+        Returns the last ``logits_to_keep`` rows of logits, [logits_to_keep, vocab].
+        """
+        kwargs = {self._cache_kwarg: cache}
+        out = self.model(
+            input_ids=input_ids[None],
+            position_ids=positions[None],
+            cache_position=slots,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return out.logits[0]
+
+    # ---------------------------------------------------------------- what is supported
+    def attn_implementation(self) -> str:
+        return str(getattr(self.config, "_attn_implementation", None) or "eager")
+
+    def check_run(self, total_tokens: int, position_jumps: bool, rerotates: bool) -> None:
+        """Refuse, before any model work, a run this adapter cannot make exact.
+
+        ``total_tokens``: most positions the run spans (context + question + answer).
+        ``position_jumps``: a forward pass feeds non-contiguous positions (block-wise prefill
+        with the question appended at its final position).
+        ``rerotates``: kept keys are moved to new positions.
+        """
+        name = self.family_label()
+        for layer in range(self.n_layers):
+            window = self.sliding_window(layer)
+            if window is not None and total_tokens > window:
+                raise ConfigError(
+                    f"{name}: layer {layer} attends through a sliding window of {window} tokens, "
+                    f"but this run spans {total_tokens}; compressing sliding-window layers is not "
+                    f"supported yet. Use a context of at most {window} tokens (including question "
+                    "and answer) or a model without sliding-window attention"
+                )
+        impl = self.attn_implementation()
+        if position_jumps and impl in self._PACKED_POSITION_BACKENDS:
+            raise ConfigError(
+                f"{name}: attn_implementation={impl!r} reads non-contiguous position ids as packed "
+                "sequences, and block-wise prefill feeds the question at its final position; use "
+                "--attn sdpa for block-wise policies (SDPA uses flash kernels on CUDA too) or a "
+                "one-shot policy"
+            )
+        if rerotates:
+            for layer in range(self.n_layers):
+                spec = self.rope(layer)
+                if spec is not None and "dynamic" in spec.rope_type:
+                    raise ConfigError(
+                        f"{name}: rope_type {spec.rope_type!r} recomputes its frequencies from "
+                        "the sequence length, so keys cannot be re-rotated exactly; use a policy "
+                        "that keeps original positions (e.g. position_mode original)"
+                    )
+
+    def family_label(self) -> str:
+        model_type = getattr(self.config, "model_type", "?")
+        return f"{model_type} ({self.family} adapter)"
