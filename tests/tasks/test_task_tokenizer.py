@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_lab.tasks import generate_samples
+from kvpress_lab.tasks import TASK_GROUPS, generate_samples
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -48,3 +48,24 @@ def test_lengths_in_model_tokens_are_within_two_percent(count_tokens, task, targ
     assert len(calls) <= 12
     # model tokens differ from words, so the fit really used the tokenizer
     assert abs(len(sample.context.split()) - target) > 0.02 * target
+
+
+RULER = list(TASK_GROUPS["ruler"])
+
+
+@pytest.mark.parametrize("task", RULER)
+@pytest.mark.parametrize("target", [2000, 4000])
+def test_ruler_lengths_in_model_tokens_are_within_two_percent(count_tokens, task, target):
+    counted = []
+
+    def counting(text: str) -> int:
+        counted.append(len(text))
+        return count_tokens(text)
+
+    samples = generate_samples(task, target, 2, seed=7, count_tokens=counting)
+    for sample in samples:
+        n = count_tokens(sample.context)
+        assert abs(n - target) <= 0.02 * target, (sample.sample_id, n)
+        assert sample.meta["context_tokens"] == n
+    # a few full contexts (and, for QA, single documents) are measured, not every step
+    assert sum(counted) <= 2 * 30 * len(samples[0].context)
