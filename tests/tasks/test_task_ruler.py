@@ -84,7 +84,7 @@ def test_a_target_too_small_names_the_task_and_a_length_that_works():
     with pytest.raises(InputError, match=r"target_tokens=100 is too small for task 'ruler:vt'"):
         generate_samples("ruler:vt", 100, 1, 0, words)
     with pytest.raises(InputError, match=r"too small for task 'ruler:qa_2'.*gold documents"):
-        generate_samples("ruler:qa_2", 300, 1, 0, words)
+        generate_samples("ruler:qa_2", 50, 1, 0, words)
 
 
 # -- needle in a haystack ----------------------------------------------------------------------
@@ -350,7 +350,19 @@ def test_qa_gold_documents_among_distinct_distractors(task, dataset):
             assert any(a in gold[0] for a in s.answers)  # SQuAD answers are spans of the gold
             assert len(gold) == 1
         else:
-            assert len(gold) >= 2  # every paragraph HotpotQA gives with the question
+            assert len(gold) == 2  # HotpotQA's two supporting paragraphs
+            # and, as in RULER, every other paragraph given with the question
+            assert len(item.related) >= 1
+            assert all(docs.count(data.docs[r]) == 1 for r in item.related)
+
+
+def test_qa_2_keeps_both_supporting_paragraphs_in_a_short_context():
+    data = lce_data.hotpotqa()
+    for s in generate_samples("ruler:qa_2", 700, 4, seed=1, count_tokens=words):
+        docs = _documents(s.context)
+        assert len(s.meta["gold_documents"]) == 2
+        assert all(docs.count(g) == 1 for g in s.meta["gold_documents"])
+        assert set(docs) <= set(data.docs)
 
 
 def test_qa_question_is_the_same_at_every_length_and_differs_between_samples():
