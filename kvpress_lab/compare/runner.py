@@ -41,7 +41,7 @@ from kvpress_lab.compare.store import (
 )
 from kvpress_lab.errors import InputError
 from kvpress_lab.models import DEFAULT_MODEL, LoadedModel
-from kvpress_lab.policy import Policy
+from kvpress_lab.policy import Policy, budget_tokens
 from kvpress_lab.registry import Registry, default_registry
 from kvpress_lab.spec import load_policy, parse_spec
 
@@ -474,8 +474,8 @@ def _row(e: Entry, g: _Group, result, shared: bool, protocol, seed, model, score
         "metric": g.sample.metric,
         "score": float(score(g.sample, result.answer)),
         "kept_tokens": result.kept_tokens,
-        "target_tokens": e.policy.target_tokens(result.context_tokens),
-        "budgeter_target_tokens": result.target_tokens,
+        # fairness is judged against the plain budget, never against a policy's own prediction
+        "target_tokens": budget_tokens(result.context_tokens, e.policy.keep_ratio, e.policy.budget),
         "kv_bytes_full": result.kv_bytes_full,
         "kv_bytes_kept": result.kv_bytes_kept,
         "peak_kv_bytes": result.peak_kv_bytes,

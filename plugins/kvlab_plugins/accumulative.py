@@ -4,8 +4,8 @@ LASER-KV (Sood, Sharma, Agrawal, "More Than a Quick Glance: Overcoming the Greed
 KV-Cache Compression", arXiv 2602.02199) prefills the context in blocks of ``S`` tokens and keeps
 a compressed cache ``A`` that only grows. With keep ratio ``r`` and context length ``L``:
 
-- per-block budget ``B = floor(2 r S L / (S + L))`` ("accumulate" mode) or ``B = floor(r L)``
-  ("recursive" mode);
+- per-block budget ``B = floor(2 r S L / (S + L))`` ("accumulate" mode, capped at ``floor(r L)``
+  below) or ``B = floor(r L)`` ("recursive" mode);
 - anchors ``a = B // n`` (the first ``a`` tokens of the context), local window ``w = B // n`` (the
   last ``w`` tokens of every block) and long-term pool ``G = B - 2 (B // n)`` selected per block.
 
@@ -18,7 +18,8 @@ Allocation for block ``t`` (past slots = what earlier steps kept):
 accumulate, look-back on (the paper's method)
     protected = anchors, every past slot that is not the previous tail (that is ``A``), and the
     block's last ``w`` tokens (they become the next ``T``); candidates = the previous tail ``T``
-    plus the block's tokens that are neither anchors nor in its last ``w``; ``k = min(G, #cand)``.
+    plus the block's tokens that are neither anchors nor in its last ``w``; ``k = min(G, #cand)``
+    (capped by the schedule below).
     ``T`` is therefore re-scored together with the next block and either joins ``A`` or is dropped.
     In the final block the block's last ``w`` are protected and stay: ``A <- A + T``.
 accumulate, look-back off
@@ -32,22 +33,34 @@ recursive
     context slot (all of ``A`` except anchors, plus the block's other tokens); ``A`` is rebuilt
     to at most ``B`` tokens after every block, so memory is bounded at ``B + S + Q``.
 
-The last block's selection is sized so the final cache holds exactly the plain budget
-``floor(r L)`` (``budget_tokens``) whenever it has enough candidates, instead of a fixed ``G``.
-With ``L`` a multiple of ``S`` this only absorbs the rounding of ``B`` (e.g. ``L=32768, S=4096,
-r=0.25``: the last block keeps ``G + 2`` so the total is 8192 rather than 8190); with a short
-last block it stops the cache from overshooting (``L=4850, S=4096, r=0.25``: ``G`` in both blocks
-would keep 1666 tokens = 34 %, the top-up keeps 1212 = 25 %), so ``laserkv`` ends with the same
-token count as every other policy at the same ``keep_ratio``. In recursive mode the same rule
-fills the cache to ``B = floor(r L)`` at the end.
+Where kvpress-lab departs from the paper's arithmetic (so that ``laserkv`` keeps exactly the
+policy-independent target ``floor(r L)``, or ``budget``, like every other policy):
+
+- the per-block budget is capped at the target, ``B = min(floor(2 r S L / (S + L)), floor(r L))``.
+  The cap only binds when the context fits in one block (``L <= S``, where the paper's ``B`` is
+  larger than ``r L``). The paper keeps the whole context when ``L <= B`` (e.g. ``r=0.75,
+  L=2048, S=4096``: ``B = 2048``, 100 % kept while every other policy keeps 75 %); here that
+  happens only at ``r = 1`` (or a ``budget >= L``);
+- accumulate mode follows the paper's own schedule, ``a + w + G * x / S`` tokens after ``x``
+  context tokens (which reaches about ``r L`` at ``x = L``), scaled so it ends at the target: the
+  cache after the block ending at ``x`` holds at most ``floor(target * (a + w + G x / S) /
+  (a + w + G L / S))`` tokens. When the paper's schedule undershoots (``L`` a multiple of ``S``:
+  ``B`` rounded down) the cap never binds; when it overshoots (a short last block, or ``a`` and
+  ``w`` rounded down so ``G > B / 2``) every block gives up its share of the excess instead of the
+  last block overflowing (``L=200, S=48, r=0.3``: ``G`` in every block ends at 62 tokens, the
+  scaled schedule at 60);
+- the last block's selection is sized so the cache ends at exactly the target (``k`` can exceed
+  ``G`` there): ``L=32768, S=4096, r=0.25`` keeps ``G + 2`` in its last block so the total is
+  8192 rather than 8190, and ``L=4850, S=4096, r=0.25`` keeps 1212 tokens (25 %) where ``G`` in
+  both blocks would keep 1666 (34 %). In recursive mode the same rule fills the cache to
+  ``B = floor(r L)`` at the end.
 
 Fixes over the reference code: a final block not longer than ``w`` still offers the previous
 tail ``T`` as candidates (the reference skipped selection when the block had no candidates of
 its own and silently dropped ``T``), and no state is carried between calls.
 
 ``keep_ratio=1`` (or a ``budget`` of at least ``L``) keeps every token, exactly like the ``full``
-policy, and so does a short context with ``L <= B``. (The formula alone would not: at ``r=1``
-``B = 2SL/(S+L) < L`` whenever ``L > S``.)
+policy. (The formula alone would not: at ``r=1`` ``B = 2SL/(S+L) < L`` whenever ``L > S``.)
 """
 
 from __future__ import annotations
@@ -56,7 +69,6 @@ import math
 from typing import Any, ClassVar, Literal
 
 import attrs
-import torch
 
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
@@ -86,7 +98,8 @@ class BlockBudget:
     anchors: int  # a = B // n
     window: int  # w = B // n
     pool: int  # G = B - 2 (B // n)
-    keep_all: bool  # nothing is compressed (keep_ratio 1, budget >= L, or L <= B)
+    keep_all: bool  # nothing is compressed (keep_ratio 1 or budget >= L)
+    target: int  # context tokens kept at the end: floor(r L) or the budget
 
 
 @attrs.define(kw_only=True)
@@ -119,21 +132,25 @@ class AccumulativeBudgeter(Budgeter):
         return 1.0 if self.keep_ratio is None else float(self.keep_ratio)
 
     def block_budget(self, context_length: int) -> BlockBudget:
-        """B, a, w, G for a context of ``context_length`` tokens (no validation)."""
+        """B, a, w, G and the final target for a context of ``context_length`` tokens.
+
+        No validation here (see :meth:`validate`).
+        """
         L, S, n = context_length, self.block_size, self.protection_divisor
-        r = self._ratio(L)
+        target = self.final_tokens(L)
         if self.mode == "accumulate":
-            # integer numerator/denominator where possible so e.g. 2*0.25*32*96/128 gives 12
-            per_block = math.floor(2 * r * S * L / (S + L) + 1e-9)
+            r = self._ratio(L)
+            # the epsilon keeps e.g. 2*0.25*32*96/128 = 12 from flooring to 11 through float error
+            paper = math.floor(2 * r * S * L / (S + L) + 1e-9)
+            per_block = min(paper, target)  # binds only when L <= S (one block; module doc)
         else:
-            per_block = math.floor(r * L + 1e-9)
+            per_block = target
         anchors = window = per_block // n
         pool = per_block - 2 * (per_block // n)
-        keep_all = r >= 1.0 or L <= per_block
-        return BlockBudget(per_block, anchors, window, pool, keep_all)
+        return BlockBudget(per_block, anchors, window, pool, target >= L, target)
 
     def final_tokens(self, context_length: int) -> int:
-        """The plain budget the last block tops the cache up to: ``budget_tokens(L, r, budget)``."""
+        """The policy-independent target: ``floor(r L)`` or ``budget`` (``budget_tokens``)."""
         return budget_tokens(context_length, self.keep_ratio, self.budget)
 
     def validate(self, context_length: int) -> None:
@@ -146,7 +163,11 @@ class AccumulativeBudgeter(Budgeter):
                 if self.budget is None
                 else f"budget={self.budget} (r={self._ratio(context_length):.4g})"
             )
-            formula = "B = floor(2*r*S*L/(S+L))" if self.mode == "accumulate" else "B = floor(r*L)"
+            formula = (
+                "B = min(floor(2*r*S*L/(S+L)), floor(r*L))"
+                if self.mode == "accumulate"
+                else "B = floor(r*L)"
+            )
             raise ConfigError(
                 f"{self.name} budget leaves no selected tokens: {what}, block_size={self.block_size}, "
                 f"protection_divisor={self.protection_divisor}, context L={context_length} tokens "
@@ -156,32 +177,34 @@ class AccumulativeBudgeter(Budgeter):
             )
 
     def target_tokens(self, context_length: int) -> int:
-        """Exact context tokens kept at the end, from a dry run of :meth:`allocate`."""
-        L = context_length
-        bb = self.block_budget(L)
-        if bb.keep_all or bb.pool <= 0:
-            return L
+        """Context tokens kept at the end: the plain target ``floor(r L)`` (or ``budget``).
+
+        The allocation below is built to land on it; tests check that by running the engine.
+        """
+        return self.final_tokens(context_length)
+
+    def schedule_cap(self, bb: BlockBudget, context_length: int, block_end: int) -> int:
+        """Most tokens the cache may hold after the block ending at ``block_end`` (accumulate).
+
+        The paper's schedule ``a + w + G * x / S`` after ``x`` context tokens, scaled so that it
+        ends at the target at ``x = L``; integer arithmetic, floored.
+        """
+        S, L = self.block_size, context_length
+        fixed = (bb.anchors + bb.window) * S
+        end = fixed + bb.pool * L
+        return min(bb.target, bb.target * (fixed + bb.pool * block_end) // max(1, end))
+
+    def reachable_floor(self, bb: BlockBudget, layout: StepLayout) -> int:
+        """Fewest tokens the cache must hold after a non-last block so the target stays reachable.
+
+        Later blocks can add at most their own tokens, less (look-back off) the tail every later
+        non-last block drops unseen.
+        """
         S = self.block_size
-        bounds = [(s, min(s + S, L)) for s in range(0, L, S)]
-        kept = torch.empty(0, dtype=torch.long)
-        for bi, (b0, b1) in enumerate(bounds):
-            index = torch.cat([kept, torch.arange(b0, b1)])
-            layout = StepLayout(
-                context_length=L,
-                block_index=bi,
-                n_blocks=len(bounds),
-                block_start=b0,
-                block_end=b1,
-                n_past=int(kept.numel()),
-                n_question=0,
-                context_index=index.view(1, 1, -1),
-            )
-            alloc = self.allocate(layout)
-            keep = alloc.protected[0, 0].clone()
-            cand = torch.nonzero(alloc.candidates[0, 0]).flatten()
-            keep[cand[: alloc.k]] = True  # which candidates survive does not change the count
-            kept = index[keep]
-        return int(kept.numel())
+        left = layout.context_length - layout.block_end
+        if not self.lookback:
+            left -= max(0, layout.n_blocks - layout.block_index - 2) * min(bb.window, S)
+        return bb.target - left
 
     # ---- allocation --------------------------------------------------------------------------
     def allocate(self, layout: StepLayout) -> Allocation:
@@ -211,11 +234,21 @@ class AccumulativeBudgeter(Budgeter):
                 protected = protected | tail
             candidates = rest_of_block
         n_cand = int(candidates.sum())
-        k = min(bb.pool, n_cand)
+        n_protected = int(protected.sum())
         if layout.is_last_block:
-            # the last block tops the cache up to the plain budget floor(r L) (see module doc)
-            k = max(0, min(n_cand, self.final_tokens(layout.context_length) - int(protected.sum())))
-        return Allocation(protected=protected, candidates=candidates, k=k)
+            # the last block lands the cache exactly on the target (see module doc)
+            k = bb.target - n_protected
+        elif self.mode == "accumulate":
+            # G per block, never above the paper's schedule scaled to end at the target, and never
+            # so few that the target is out of reach (see module doc)
+            cap = self.schedule_cap(bb, layout.context_length, b1)
+            if not self.lookback:
+                cap -= min(bb.window, self.block_size)  # the tail the schedule counts is dropped
+            k = min(bb.pool, cap - n_protected)
+            k = max(k, self.reachable_floor(bb, layout) - n_protected)
+        else:
+            k = bb.per_block - n_protected  # A rebuilt to B (= G unless w > S)
+        return Allocation(protected=protected, candidates=candidates, k=max(0, min(n_cand, k)))
 
 
 @hookimpl

@@ -79,9 +79,6 @@ class LaserKVPolicy(Policy):
             lookback=self.lookback,
         )
 
-    def target_tokens(self, context_length: int) -> int:
-        return self.budgeter().target_tokens(context_length)
-
     def compose(self) -> Composition:
         return Composition(
             budgeter=self.budgeter(),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from budget_oracle import dry_run
 from kvlab_plugins.accumulative import AccumulativeBudgeter
 from kvlab_plugins.laserkv import LaserKVPolicy
 
@@ -15,26 +18,30 @@ from kvpress_lab.spec import load_policy
 @pytest.mark.parametrize(
     ("L", "S", "r", "mode", "expected"),
     [
-        # accumulate: B = floor(2 r S L / (S + L)); a = w = B // 4; G = B - 2 (B // 4)
-        # 2 * 0.25 * 32 * 96 / 128 = 1536 / 128 = 12 -> a = w = 3, G = 6
-        (96, 32, 0.25, "accumulate", (12, 3, 3, 6, False)),
+        # accumulate: B = min(floor(2 r S L / (S + L)), floor(r L)); a = w = B // 4;
+        # G = B - 2 (B // 4); the last field is the target floor(r L)
+        # 2 * 0.25 * 32 * 96 / 128 = 1536 / 128 = 12 (< 24) -> a = w = 3, G = 6
+        (96, 32, 0.25, "accumulate", (12, 3, 3, 6, False, 24)),
         # 2 * 0.25 * 4096 * 16384 / 20480 = 33554432 / 20480 = 1638.4 -> 1638; a = w = 409,
-        # G = 1638 - 818 = 820
-        (16384, 4096, 0.25, "accumulate", (1638, 409, 409, 820, False)),
+        # G = 1638 - 818 = 820; target 4096
+        (16384, 4096, 0.25, "accumulate", (1638, 409, 409, 820, False, 4096)),
         # 2 * 0.1 * 2048 * 8000 / 10048 = 3276800 / 10048 = 326.11 -> 326; a = w = 81, G = 164
-        (8000, 2048, 0.1, "accumulate", (326, 81, 81, 164, False)),
-        # 2 * 0.75 * 4096 * 1000 / 5096 = 6144000 / 5096 = 1205.65 -> 1205 >= L = 1000:
-        # short context, nothing compressed (a = w = 301, G = 1205 - 602 = 603)
-        (1000, 4096, 0.75, "accumulate", (1205, 301, 301, 603, True)),
+        (8000, 2048, 0.1, "accumulate", (326, 81, 81, 164, False, 800)),
+        # one block: 2 * 0.75 * 4096 * 1000 / 5096 = 1205.65 -> 1205 > floor(0.75 * 1000) = 750,
+        # so B = 750, a = w = 187, G = 750 - 374 = 376 (the paper kept all 1000 since L <= 1205)
+        (1000, 4096, 0.75, "accumulate", (750, 187, 187, 376, False, 750)),
+        # the issue's case: 2 * 0.75 * 4096 * 2048 / 6144 = 2048 = L (the paper keeps 100 %);
+        # B = floor(0.75 * 2048) = 1536, a = w = 384, G = 768
+        (2048, 4096, 0.75, "accumulate", (1536, 384, 384, 768, False, 1536)),
         # recursive: B = floor(r L) = floor(0.25 * 96) = 24; a = w = 6, G = 12
-        (96, 32, 0.25, "recursive", (24, 6, 6, 12, False)),
+        (96, 32, 0.25, "recursive", (24, 6, 6, 12, False, 24)),
         # keep_ratio 1 keeps everything although 2 * 1 * 32 * 96 / 128 = 48 < 96
-        (96, 32, 1.0, "accumulate", (48, 12, 12, 24, True)),
+        (96, 32, 1.0, "accumulate", (48, 12, 12, 24, True, 96)),
     ],
 )
 def test_block_budget_table(L, S, r, mode, expected):
     bb = AccumulativeBudgeter(keep_ratio=r, block_size=S, mode=mode).block_budget(L)
-    assert (bb.per_block, bb.anchors, bb.window, bb.pool, bb.keep_all) == expected
+    assert (bb.per_block, bb.anchors, bb.window, bb.pool, bb.keep_all, bb.target) == expected
 
 
 def test_divisor_changes_the_split():
@@ -44,51 +51,99 @@ def test_divisor_changes_the_split():
 
 
 @pytest.mark.parametrize(
-    ("L", "S", "r", "mode", "lookback", "kept"),
+    ("L", "S", "r", "mode", "lookback", "counts"),
     [
-        # 3 full blocks: anchors 3 + 3 blocks * G 6 + final tail 3 = 24 = r L exactly
-        (96, 32, 0.25, "accumulate", True, 24),
-        # without look-back the count is the same: every block still adds G, final tail kept
-        (96, 32, 0.25, "accumulate", False, 24),
-        # L = 136, S = 32: 2 * 0.25 * 32 * 136 / 168 = 2176 / 168 = 12.95 -> B = 12,
-        # a = w = 3, G = 6; 5 blocks (last holds 8). G in every block would give
-        # 3 + 5 * 6 + 3 = 36; the last block tops up to floor(0.25 * 136) = 34 instead:
-        # protected before it 3 + 4 * 6 + its tail 3 = 30 -> k = 4 of its 3 + 5 candidates
-        (136, 32, 0.25, "accumulate", True, 34),
-        # without look-back: last block candidates 8 - 3 = 5, k = 34 - 30 = 4 -> 34 as well
-        (136, 32, 0.25, "accumulate", False, 34),
-        # recursive, L = 200, S = 48, r = 0.3: B = 60, a = w = 15, G = 30; the last block
-        # [192, 200) protects 15 + 8 and tops up to 60 with k = 37 (G alone would end at 53)
-        (200, 48, 0.3, "recursive", True, 60),
+        # 3 full blocks, B = 12, a = w = 3, G = 6: 3 + 6 + 3 = 12 after block 0, +6 per block,
+        # 24 = r L at the end; the scaled schedule 24 * (192 + 6x) / (192 + 576) never binds
+        (96, 32, 0.25, "accumulate", True, [12, 18, 24]),
+        # without look-back the non-final tails are dropped: 3 + 6 = 9, 15, then 15 + 6 + 3 = 24
+        (96, 32, 0.25, "accumulate", False, [9, 15, 24]),
+        # L = 136, S = 32: B = floor(2176 / 168 = 12.95) = 12, a = w = 3, G = 6; 5 blocks (the
+        # last holds 8): 12, 18, 24, 30, then the last block keeps 34 - 30 = 4, not G = 6
+        (136, 32, 0.25, "accumulate", True, [12, 18, 24, 30, 34]),
+        # without look-back: 9, 15, 21, 27 (tails dropped), last: 27 + 3 protected + k = 4
+        (136, 32, 0.25, "accumulate", False, [9, 15, 21, 27, 34]),
+        # the issue's short-last-block case, L = 200, S = 48, r = 0.3: B = floor(23.2) = 23,
+        # a = w = 5, G = 13; G in every block would reach 5 + 4 * 13 + 5 = 62 > 60 before the
+        # last block. Scaled schedule 60 * (480 + 13 x) / (480 + 2600): after x = 48, 96, 144,
+        # 192 it allows floor(21.5) = 21, floor(33.7) = 33, floor(45.8) = 45, floor(57.97) = 57;
+        # the last block [192, 200) protects 52 + 5 = 57 and picks 3 of T + 3 tokens -> 60
+        (200, 48, 0.3, "accumulate", True, [21, 33, 45, 57, 60]),
+        # r = 0.9, L = 40, S = 16: B = floor(20.57) = 20, a = w = 5, G = 10, target 36. Block 0
+        # has 6 candidates (all kept: 16); block 1 must keep 36 - 8 = 28 for the last block to
+        # reach the target (G = 10 would give 26 and then 26 + min(8, 10) = 34); the last block
+        # protects 23 + 5 and takes all 8 candidates (T + 32..34) -> 36
+        (40, 16, 0.9, "accumulate", True, [16, 28, 36]),
+        # recursive, L = 200, S = 48, r = 0.3: B = 60, a = w = 15, G = 30; block 0 offers only
+        # 48 - 30 = 18 candidates (48 kept), then A is rebuilt to 60 after every block
+        (200, 48, 0.3, "recursive", True, [48, 60, 60, 60, 60]),
         # recursive: the cache is rebuilt to B = floor(0.25 * 96) = 24
-        (96, 32, 0.25, "recursive", True, 24),
-        # short context / keep_ratio 1: everything
-        (1000, 4096, 0.75, "accumulate", True, 1000),
-        (96, 32, 1.0, "accumulate", True, 96),
+        (96, 32, 0.25, "recursive", True, [24, 24, 24]),
+        # keep_ratio 1: everything
+        (96, 32, 1.0, "accumulate", True, [32, 64, 96]),
     ],
 )
-def test_target_tokens(L, S, r, mode, lookback, kept):
+def test_block_by_block_counts_end_on_the_target(L, S, r, mode, lookback, counts):
     budgeter = AccumulativeBudgeter(keep_ratio=r, block_size=S, mode=mode, lookback=lookback)
-    assert budgeter.target_tokens(L) == kept
+    assert dry_run(budgeter, L, S) == counts
+    assert budgeter.target_tokens(L) == counts[-1]
 
 
-def test_final_count_close_to_keep_ratio_for_long_contexts():
-    # B (S + L) / (2 S) = r L when L is a multiple of S: 32768 / 4096 = 8 blocks,
-    # B = floor(2*0.25*4096*32768/36864) = floor(1820.44) = 1820, a = w = 455, G = 910;
-    # G in every block: 455 + 8*910 + 455 = 8190; the last block takes G + 2 -> r L = 8192
-    assert AccumulativeBudgeter(keep_ratio=0.25).target_tokens(32768) == 8192
+def test_final_count_is_the_target_for_long_contexts():
+    # 32768 / 4096 = 8 blocks, B = floor(2*0.25*4096*32768/36864) = floor(1820.44) = 1820,
+    # a = w = 455, G = 910: G in every block ends at 455 + 8*910 + 455 = 8190; the last block
+    # takes G + 2 -> r L = 8192
+    assert dry_run(AccumulativeBudgeter(keep_ratio=0.25), 32768, 4096)[-2:] == [7280, 8192]
     # L = 4850, S = 4096: B = floor(2*0.25*4096*4850/8946) = floor(1110.3) = 1110, a = w = 277,
-    # G = 556; G in both blocks would keep 277 + 556 + 556 + 277 = 1666 (34 %); the last block
-    # tops up to floor(0.25 * 4850) = 1212 (k = 1212 - 277 - 556 - 277 = 102)
-    assert AccumulativeBudgeter(keep_ratio=0.25).target_tokens(4850) == 1212
+    # G = 556; G in both blocks would keep 277 + 556 + 556 + 277 = 1666 (34 %). The scaled
+    # schedule allows floor(1212 * 4546560 / 4965784) = floor(1109.68) = 1109 after block 0
+    # (k = 555), and the last block tops up to floor(0.25 * 4850) = 1212
+    assert dry_run(AccumulativeBudgeter(keep_ratio=0.25), 4850, 4096) == [1109, 1212]
+
+
+@pytest.mark.parametrize("mode", ["accumulate", "recursive"])
+@pytest.mark.parametrize("S", [16, 48, 100, 512])
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+def test_every_setting_lands_on_the_target(mode, S, n):
+    """Over many (L, r), look-back on: the final count is floor(r L) whenever the budget is valid."""
+    checked = 0
+    for L in [*range(5, 400, 13), S, 2 * S, 3 * S + 1, 4 * S - 1, 1500]:
+        for r in (0.05, 0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 0.99):
+            budgeter = AccumulativeBudgeter(
+                keep_ratio=r, block_size=S, protection_divisor=n, mode=mode
+            )
+            try:
+                budgeter.validate(L)
+            except ConfigError:
+                continue
+            # the target is floor(r L), at least 1 token
+            assert dry_run(budgeter, L, S)[-1] == max(1, math.floor(r * L + 1e-9)), (L, r)
+            checked += 1
+    assert checked > 100
+
+
+def test_without_lookback_a_large_ratio_is_out_of_reach():
+    # look-back off drops every non-final tail unseen: L = 82, S = 16, r = 0.75: B = 20,
+    # a = w = 5; 5 non-final blocks drop 5 each, so at most 82 - 25 = 57 < floor(61.5) = 61 remain
+    budgeter = AccumulativeBudgeter(keep_ratio=0.75, block_size=16, lookback=False)
+    assert dry_run(budgeter, 82, 16)[-1] == 57
+    assert budgeter.target_tokens(82) == 61  # the target does not move to meet the policy
 
 
 def test_budget_tokens_act_as_a_ratio():
     # budget = 24 of L = 96 is r = 0.25: same B, same count as keep_ratio=0.25
     by_budget = AccumulativeBudgeter(keep_ratio=None, budget=24, block_size=32)
     assert by_budget.block_budget(96).per_block == 12
-    assert by_budget.target_tokens(96) == 24
-    assert AccumulativeBudgeter(keep_ratio=None, budget=500, block_size=32).target_tokens(96) == 96
+    assert dry_run(by_budget, 96, 32)[-1] == by_budget.target_tokens(96) == 24
+    over = AccumulativeBudgeter(keep_ratio=None, budget=500, block_size=32)
+    assert over.block_budget(96).keep_all and dry_run(over, 96, 32)[-1] == 96
+
+
+def test_laserkv_target_is_the_plain_budget():
+    # the policy does not predict its own count (the paper's arithmetic kept 2048 and 62 here):
+    # its target is floor(r L) like every policy's
+    assert LaserKVPolicy(keep_ratio=0.75).target_tokens(2048) == 1536
+    assert LaserKVPolicy(keep_ratio=0.3, block_size=48).target_tokens(200) == 60
 
 
 def _layout(past: list[int], b0: int, b1: int, L: int, q: int = 2, bi: int = 1, nb: int = 3):
@@ -153,7 +208,7 @@ def test_final_block_not_longer_than_window_keeps_previous_tail_as_candidates():
     assert _positions(layout, alloc.candidates) == [61, 62, 63]
     assert alloc.k == 2
     assert _positions(layout, alloc.protected) == list(range(9)) + list(range(29, 35)) + [64, 65]
-    assert budgeter.target_tokens(66) == 19
+    assert dry_run(budgeter, 66, 32)[-1] == budgeter.target_tokens(66) == 19
 
 
 def test_keep_ratio_one_protects_every_context_slot():
@@ -191,7 +246,8 @@ def test_empty_pool_fails_in_validate_with_the_numbers():
         LaserKVPolicy(keep_ratio=0.25, block_size=32, protection_divisor=2).compose().budgeter
     )
     with pytest.raises(
-        ConfigError, match=r"B = floor\(2\*r\*S\*L/\(S\+L\)\) = 12.*G = .* = 0 <= 0"
+        ConfigError,
+        match=r"B = min\(floor\(2\*r\*S\*L/\(S\+L\)\), floor\(r\*L\)\) = 12.*G = .* = 0 <= 0",
     ):
         budgeter.validate(96)
     # tiny ratio: 2 * 0.01 * 4096 * 50 / 4146 = 0.99 -> B = 0, G = 0
