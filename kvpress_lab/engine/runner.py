@@ -21,7 +21,7 @@ from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices
 from kvpress_lab.engine.checks import check_allocation, check_selection
 from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
-from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout
+from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout, take_slots
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.ops.rope import rerotate_keys
 from kvpress_lab.policy import Composition, Policy
@@ -140,6 +140,9 @@ def prefill_and_compress(
     Q = 0 if query_agnostic else int(question.numel())
 
     cache = adapter.new_cache()
+    # half-precision keys re-rotated chunk after chunk drift by one rounding per move; re-rotating
+    # from the keys as computed keeps it at one rounding (dropped when the prefill ends)
+    origins = KeyOrigins(adapter) if contiguous and len(bounds) > 1 else None
     context_index = torch.empty(n_layers, n_kv, 0, dtype=torch.long)
     prefill_s = compress_s = 0.0
     peak_tokens = peak_bytes = 0
@@ -189,6 +192,7 @@ def prefill_and_compress(
             observer.observed,
             logits[-1],
             last=bi == len(bounds) - 1,
+            origins=origins,
         )
         _sync(device)
         t2 = time.perf_counter()
@@ -255,6 +259,7 @@ def compress_step(
     observed: Mapping[str, list],
     last_logits: torch.Tensor,
     last: bool,
+    origins: KeyOrigins | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One compression step after a forward pass, in place on ``cache``.
 
@@ -277,9 +282,11 @@ def compress_step(
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
         keep = _merge(allocation, selected, layout, comp.selector.name)
     indices = keep_mask_to_indices(keep, comp.budgeter.name)
+    if origins is not None:
+        origins.add_new_rows(cache, layout.n_past)
     gather_slots(adapter, cache, indices)
     if contiguous:
-        _rerotate_contiguous(adapter, cache, layout, step_index, indices)
+        _rerotate_contiguous(adapter, cache, layout, step_index, indices, origins)
     return _gather_index(step_index, indices), None
 
 
@@ -309,7 +316,47 @@ def _gather_index(step_index: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     return step_index.gather(-1, indices.expand(ly, h, indices.shape[-1]))
 
 
-def _rerotate_contiguous(adapter: ModelAdapter, cache, layout, step_index, indices) -> None:
+class KeyOrigins:
+    """Keys of a half-precision cache as the model computed them, with those positions.
+
+    Re-rotating stored keys chunk after chunk rounds them to bf16/fp16 once per move, and the
+    error grows with the number of moves (measured in tests/adapters/test_precision.py: 13x
+    one rounding after 64 moves). Keeping the keys as computed lets every move start from them:
+    one rotation, one rounding, whatever the number of chunks. Float32 caches need none of this.
+    """
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.keys: list[torch.Tensor | None] = [None] * adapter.n_layers
+        self.positions: list[torch.Tensor | None] = [None] * adapter.n_layers  # [H, n] long
+
+    def add_new_rows(self, cache, n_past: int) -> None:
+        """Record the rows of this forward pass (slots n_past.., at positions n_past..)."""
+        for layer in range(self.adapter.n_layers):
+            keys = self.adapter.layer_kv(cache, layer)[0]
+            if keys.element_size() > 2:
+                continue
+            new = keys[:, :, n_past:]
+            pos = torch.arange(n_past, keys.shape[2], device=keys.device).expand(keys.shape[1], -1)
+            if self.keys[layer] is not None:
+                new = torch.cat([self.keys[layer], new], dim=2)
+                pos = torch.cat([self.positions[layer], pos], dim=-1)
+            self.keys[layer], self.positions[layer] = new, pos
+
+    def take(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep slots ``idx`` [H|1, k]; return the kept keys as computed and their positions."""
+        if self.keys[layer] is None:
+            return None
+        idx = idx.to(self.keys[layer].device)
+        self.keys[layer] = take_slots(self.keys[layer], idx)
+        heads = self.positions[layer].shape[0]
+        self.positions[layer] = self.positions[layer].gather(-1, idx.expand(heads, -1))
+        return self.keys[layer], self.positions[layer]
+
+
+def _rerotate_contiguous(
+    adapter: ModelAdapter, cache, layout, step_index, indices, origins: KeyOrigins | None
+) -> None:
     """Move kept keys from their current positions to 0..k-1."""
     n_layers, n_kv, _ = step_index.shape
     # current position of every slot: past slots sit at 0..n_past-1, new rows right after
@@ -318,11 +365,16 @@ def _rerotate_contiguous(adapter: ModelAdapter, cache, layout, step_index, indic
     k = indices.shape[-1]
     new = torch.arange(k)
     for layer in range(n_layers):
+        origin = (
+            None if origins is None else origins.take(layer, indices[min(layer, len(indices) - 1)])
+        )
         old_l = old[layer]
         rope = adapter.rope(layer)
         if rope is None or bool((old_l == new).all()):
             continue
         keys, values = adapter.layer_kv(cache, layer)
+        if origin is not None:
+            keys, old_l = origin
         pos = old_l[0] if bool((old_l == old_l[:1]).all()) else old_l
         keys = rerotate_keys(keys, pos.to(keys.device), new.to(keys.device), rope)
         adapter.set_layer_kv(cache, layer, keys, values)
