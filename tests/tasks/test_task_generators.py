@@ -14,7 +14,7 @@ import pytest
 from kvpress_lab.errors import InputError
 from kvpress_lab.tasks import TASK_GROUPS, TASKS, available_tasks, generate_samples, lce_data, score
 from kvpress_lab.tasks import background as background_module
-from kvpress_lab.tasks.base import fit_length
+from kvpress_lab.tasks.base import fit_length, fit_units
 
 ALL_TASKS = [
     "niah",
@@ -371,3 +371,42 @@ def test_fit_length_hits_the_target_and_reports_running_out():
         fit_length(build, words, 3001, max_units=100, task="t")
     with pytest.raises(InputError, match="within 2%"):  # units far coarser than 2 %
         fit_length(lambda n: "w " * (50 * n), words, 125, max_units=100, task="t")
+
+
+def _units(sizes: list[int]) -> list[str]:
+    return [" ".join([f"u{i}"] * n) for i, n in enumerate(sizes)]
+
+
+def test_fit_units_swaps_coarse_units_to_land_on_the_target():
+    # 60-word units: prefixes give 480 or 540 words, neither within 2 % of 500; later units of
+    # other sizes can stand in for some of the first ones
+    stream_units = _units([60] * 20 + [50, 70, 66, 55, 63, 58] * 10)
+
+    def build(units: list[str]) -> str:
+        return " ".join(units)
+
+    fit, used = fit_units(
+        build, lambda n: stream_units[:n], words, words, 500, max_units=80, task="t"
+    )
+    assert abs(fit.tokens - 500) <= 10
+    assert fit.text == build(used) and fit.tokens == words(fit.text)
+    assert len(set(used)) == len(used) == fit.units
+    assert set(used) <= set(stream_units)
+    assert any(u not in stream_units[: len(used)] for u in used)  # some were swapped in
+
+
+def test_fit_units_without_other_sizes_says_it_cannot_fit():
+    equal = _units([60] * 100)
+    with pytest.raises(InputError, match=r"cannot fit task 't' to target_tokens=500 within 2%"):
+        fit_units(" ".join, lambda n: equal[:n], words, words, 500, max_units=100, task="t")
+    with pytest.raises(InputError, match=r"too small for task 't': its head alone take 70"):
+        fit_units(
+            lambda u: "w " * 70 + " ".join(u),
+            lambda n: equal[:n],
+            words,
+            words,
+            50,
+            max_units=100,
+            task="t",
+            what="head",
+        )

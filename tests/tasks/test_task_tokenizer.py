@@ -69,3 +69,16 @@ def test_ruler_lengths_in_model_tokens_are_within_two_percent(count_tokens, task
         assert sample.meta["context_tokens"] == n
     # a few full contexts (and, for QA, single documents) are measured, not every step
     assert sum(counted) <= 2 * 30 * len(samples[0].context)
+
+
+@pytest.mark.parametrize(
+    "task", ["ruler:niah_multikey_2", "ruler:niah_multikey_3", "ruler:qa_1", "ruler:qa_2"]
+)
+@pytest.mark.parametrize("target", [800, 1024])
+def test_coarse_ruler_units_still_land_within_two_percent_at_short_lengths(
+    count_tokens, task, target
+):
+    # a UUID haystack line is ~55 tokens, a document often 100-300: more than 2 % of 1k
+    for seed in range(3):
+        for sample in generate_samples(task, target, 2, seed=seed, count_tokens=count_tokens):
+            assert abs(count_tokens(sample.context) - target) <= 0.02 * target
