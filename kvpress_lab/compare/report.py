@@ -1,4 +1,11 @@
-"""Summaries (Markdown, CSV) and plots (PNG, matplotlib's Agg backend) of comparison rows."""
+"""Summaries (Markdown, CSV) and plots (PNG, matplotlib's Agg backend) of comparison rows.
+
+Every accuracy carries a 95 % interval and every policy is compared, sample by sample, with the
+full cache and with the first listed policy (:mod:`kvpress_lab.compare.stats`). Fairness is
+judged against the policy-independent target each row records (``floor(keep_ratio * L)`` or
+``budget``); a cell that misses it by more than 1 % is marked unfair and its verdicts say so
+instead of ranking it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,23 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["FAIRNESS_TOLERANCE", "PLOTS", "summarize", "write_plots", "write_summary"]
+from kvpress_lab.compare.stats import CONFIDENCE, Interval, mean_interval, paired_comparison
+
+__all__ = [
+    "FAIRNESS_TOLERANCE",
+    "PLOTS",
+    "policy_colors",
+    "summarize",
+    "tighter_intervals_hint",
+    "write_plots",
+    "write_summary",
+]
 
 FAIRNESS_TOLERANCE = 0.01  # kept tokens may differ from the target by at most 1 %
 PLOTS = ("accuracy_vs_keep.png", "accuracy_vs_length.png", "accuracy_vs_kv_memory.png")
+PLOT_DPI = 200
 MIB = 2**20
+UNFAIR = "not comparable: unfair budget"
 
 COLUMNS = (
     "policy",
@@ -20,7 +39,21 @@ COLUMNS = (
     "keep",
     "n",
     "accuracy",
+    "accuracy_low",
+    "accuracy_high",
+    "interval",
     "full_accuracy",
+    "vs_full",
+    "vs_full_low",
+    "vs_full_high",
+    "vs_full_n",
+    "vs_full_verdict",
+    "reference",
+    "vs_reference",
+    "vs_reference_low",
+    "vs_reference_high",
+    "vs_reference_n",
+    "vs_reference_verdict",
     "kept_tokens",
     "target_tokens",
     "kept_vs_target",
@@ -41,58 +74,129 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per policy x task x length x keep, the full-cache accuracy beside each."""
+def _first_policy(rows: list[dict], metadata: dict | None) -> str | None:
+    """The first policy the user listed: from the metadata's plan, else the rows' order."""
+    for entry in (metadata or {}).get("resolved_policies") or []:
+        if entry.get("spec") != "full":
+            return entry["spec"]
+    for r in rows:
+        if r["spec"] != "full":
+            return r["spec"]
+    return None
+
+
+def _scores(group: list[dict]) -> dict:
+    """Scores by sample (rows without a sample id pair by their position in the cell)."""
+    return {r.get("sample_id", i): float(r["score"]) for i, r in enumerate(group)}
+
+
+def _paired(cell: dict[str, float], ref: dict[str, float]):
+    common = sorted(set(cell) & set(ref))
+    return paired_comparison([cell[s] for s in common], [ref[s] for s in common])
+
+
+def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
+    """One line per policy x task x length x keep, with intervals and paired comparisons.
+
+    ``reference`` is the policy every other one is also compared with (default: the first
+    non-full policy in ``rows``). Rows marked ``failed`` are left out.
+    """
+    rows = [r for r in rows if not r.get("failed")]
+    reference = reference or _first_policy(rows, None)
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    order: dict[str, int] = {}
     for r in rows:
         groups[(r["spec"], r["task"], r["target_length"], r["keep_ratio"])].append(r)
-    full_acc = {
-        (task, length): _mean(x["score"] for x in g)
-        for (spec, task, length, _), g in groups.items()
-        if spec == "full"
-    }
-    out = []
-    for (spec, task, length, keep), g in groups.items():
-        kept = _mean(x["kept_tokens"] for x in g)
+        order.setdefault(r["spec"], len(order))
+
+    cells: dict[tuple, dict] = {}
+    for key, g in groups.items():
         target = _mean(x["target_tokens"] for x in g)
         worst = max(
             abs(x["kept_tokens"] - x["target_tokens"]) / max(1, x["target_tokens"]) for x in g
         )
-        out.append(
-            {
-                "policy": spec,
-                "task": task,
-                "length": length,
-                "keep": keep,
-                "n": len(g),
-                "accuracy": _mean(x["score"] for x in g),
-                "full_accuracy": full_acc.get((task, length), float("nan")),
-                "kept_tokens": kept,
-                "target_tokens": target,
-                "kept_vs_target": worst,
-                "fair": worst <= FAIRNESS_TOLERANCE,
-                "kv_kept_mib": _mean(x["kv_bytes_kept"] for x in g) / MIB,
-                "kv_full_mib": _mean(x["kv_bytes_full"] for x in g) / MIB,
-                "peak_kv_mib": _mean(x["peak_kv_bytes"] for x in g) / MIB,
-                "prefill_s": _mean(x["prefill_s"] for x in g),
-                "compress_s": _mean(x["compress_s"] for x in g),
-                "decode_s": _mean(x["decode_s"] for x in g),
-                "decode_tok_s": _mean(x["decode_tokens_per_s"] for x in g),
-                "shared_prefill": _mean(float(x["shared_prefill"]) for x in g),
-            }
-        )
+        cells[key] = {"scores": _scores(g), "fair": worst <= FAIRNESS_TOLERANCE, "worst": worst}
+        cells[key]["target"] = target
+
+    full = {(t, n): c for (spec, t, n, _), c in cells.items() if spec == "full"}
+    out = []
+    for key, g in groups.items():
+        spec, task, length, keep = key
+        cell = cells[key]
+        acc = mean_interval(list(cell["scores"].values()))
+        line = {
+            "policy": spec,
+            "task": task,
+            "length": length,
+            "keep": keep,
+            "n": len(g),
+            "accuracy": acc.estimate,
+            "accuracy_low": acc.low,
+            "accuracy_high": acc.high,
+            "interval": acc.method,
+            "full_accuracy": float("nan"),
+            "reference": reference,
+            "kept_tokens": _mean(x["kept_tokens"] for x in g),
+            "target_tokens": cell["target"],
+            "kept_vs_target": cell["worst"],
+            "fair": cell["fair"],
+            "kv_kept_mib": _mean(x["kv_bytes_kept"] for x in g) / MIB,
+            "kv_full_mib": _mean(x["kv_bytes_full"] for x in g) / MIB,
+            "peak_kv_mib": _mean(x["peak_kv_bytes"] for x in g) / MIB,
+            "prefill_s": _mean(x["prefill_s"] for x in g),
+            "compress_s": _mean(x["compress_s"] for x in g),
+            "decode_s": _mean(x["decode_s"] for x in g),
+            "decode_tok_s": _mean(x["decode_tokens_per_s"] for x in g),
+            "shared_prefill": _mean(float(x["shared_prefill"]) for x in g),
+        }
+        full_cell = full.get((task, length))
+        if full_cell is not None:
+            line["full_accuracy"] = mean_interval(list(full_cell["scores"].values())).estimate
+        ref_cell = cells.get((reference, task, length, keep))
+        for prefix, other, skip in (
+            ("vs_full", full_cell, spec == "full"),
+            ("vs_reference", ref_cell, spec in ("full", reference)),
+        ):
+            line.update(_versus(prefix, cell, other, skip))
+        out.append(line)
     out.sort(
         key=lambda s: (
             s["task"],
             s["length"],
             -(s["keep"] if s["keep"] is not None else 2.0),
             s["policy"] != "full",
-            s["policy"],
+            order.get(s["policy"], 0),
         )
     )
     return out
 
 
+def _versus(prefix: str, cell: dict, other: dict | None, skip: bool) -> dict:
+    empty = {
+        prefix: float("nan"),
+        f"{prefix}_low": float("nan"),
+        f"{prefix}_high": float("nan"),
+        f"{prefix}_n": 0,
+        f"{prefix}_verdict": "",
+    }
+    if skip or other is None:
+        return empty
+    cmp = _paired(cell["scores"], other["scores"])
+    verdict = cmp.verdict
+    if not cell["fair"]:
+        verdict = UNFAIR
+    elif not other["fair"]:
+        verdict = "not comparable: the reference's budget is unfair"
+    return {
+        prefix: cmp.difference.estimate,
+        f"{prefix}_low": cmp.difference.low,
+        f"{prefix}_high": cmp.difference.high,
+        f"{prefix}_n": cmp.difference.n,
+        f"{prefix}_verdict": verdict,
+    }
+
+
+# ---- text ------------------------------------------------------------------------------------
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -101,15 +205,50 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def _with_interval(estimate: float, low: float, high: float, signed: bool = False) -> str:
+    if math.isnan(estimate):
+        return "-"
+    f = (lambda v: f"{v:+.2f}") if signed else (lambda v: f"{v:.2f}")
+    if math.isnan(low) or math.isnan(high):
+        return f"{f(estimate)} [-]"
+    return f"{f(estimate)} [{f(low)}, {f(high)}]"
+
+
+def _keep(s: dict) -> str:
+    return "1 (full)" if s["keep"] is None else _fmt(s["keep"], 3).rstrip("0").rstrip(".")
+
+
+def tighter_intervals_hint(summary: list[dict]) -> str:
+    """How many samples would halve the widest accuracy interval of this run."""
+    widths = [
+        (Interval(s["accuracy"], s["accuracy_low"], s["accuracy_high"], s["n"], "").half_width, s)
+        for s in summary
+        if not math.isnan(s["accuracy_low"]) and not math.isnan(s["accuracy_high"])
+    ]
+    if not widths:
+        return "Intervals need at least two samples per cell: rerun with more --samples."
+    width, s = max(widths, key=lambda w: w[0])
+    n = s["n"]
+    return (
+        f"Tighter intervals: the widest 95% interval here is +/-{width:.2f} "
+        f"({s['policy']}, {s['task']} {s['length']}, n={n}). Interval widths shrink like "
+        f"1/sqrt(n): --samples {4 * n} roughly halves them, --samples {16 * n} quarters them "
+        "(with the same --out and --extend, rows already computed are reused)."
+    )
+
+
 def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
     """Write ``summary.csv`` and ``summary.md``; returns the summary lines."""
-    summary = summarize(rows)
+    reference = _first_policy(rows, metadata)
+    summary = summarize(rows, reference)
     with (out / "summary.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for s in summary:
             writer.writerow({k: ("" if s[k] is None else s[k]) for k in COLUMNS})
 
+    conf = f"{CONFIDENCE:.0%}"
+    ref = f"`{reference}`" if reference else "the first policy"
     unfair = [s for s in summary if not s["fair"]]
     lines = [
         "# KV-cache policy comparison",
@@ -120,45 +259,69 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         f"- command: `{metadata.get('command')}`",
         f"- rows: {len(rows)}",
         "",
-        "Accuracy is the mean task score (1.0 = right). `full` is the uncompressed cache; "
-        "`full acc` repeats its accuracy on the same samples. `kept` and `target` are context "
-        "tokens per layer and KV head; KV MiB is the compressed cache, peak KV the most held "
-        "during prefill. Times are means per row in seconds: `compress` is the policy's scoring "
-        "and selection, `decode` feeds the question and generates the answer (tok/s = answer "
-        "tokens / decode s). With a shared prefill (`shared` = fraction of rows that used one) "
-        "`prefill` is the one forward pass all sharing policies of a sample started from, "
-        "counted on each of their rows.",
+        f"Accuracy is the mean task score (1.0 = right) over the cell's n samples, with its {conf} "
+        "interval in brackets: Wilson for 0/1 scores, a bootstrap of the mean for partial credit. "
+        "Every policy runs on the same samples, so differences are paired per sample: "
+        f"`vs full` is the policy's accuracy minus the full cache's, `vs {reference}` minus "
+        f"{ref}'s at the same keep ratio, each with a paired-bootstrap {conf} interval. The "
+        "verdict says better or worse only when that interval excludes 0 and an exact sign test "
+        "on the samples where the two differ agrees; otherwise there is no detectable "
+        "difference at that n. `kept` and `target` are context tokens per layer and KV head; "
+        "the target is floor(keep ratio x context) for every policy alike, and a cell more "
+        f"than {FAIRNESS_TOLERANCE:.0%} off it is unfair and not ranked.",
         "",
-        "| policy | task | length | keep | n | accuracy | full acc | kept | target | fair "
-        "| KV MiB | peak KV MiB | prefill s | compress s | decode s | decode tok/s | shared |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| policy | task | length | keep | n | accuracy [{conf}] | vs full [{conf}] | verdict "
+        f"vs full | vs {reference} [{conf}] | verdict vs {reference} | kept | target | fair |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|:-:|",
     ]
     for s in summary:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"`{s['policy']}`",
-                    s["task"],
-                    str(s["length"]),
-                    "1 (full)" if s["keep"] is None else _fmt(s["keep"], 3).rstrip("0"),
-                    str(s["n"]),
-                    _fmt(s["accuracy"]),
-                    _fmt(s["full_accuracy"]),
-                    _fmt(s["kept_tokens"], 1),
-                    _fmt(s["target_tokens"], 1),
-                    "yes" if s["fair"] else "**NO**",
-                    _fmt(s["kv_kept_mib"]),
-                    _fmt(s["peak_kv_mib"]),
-                    _fmt(s["prefill_s"]),
-                    _fmt(s["compress_s"], 3),
-                    _fmt(s["decode_s"]),
-                    _fmt(s["decode_tok_s"], 1),
-                    _fmt(s["shared_prefill"]),
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            f"`{s['policy']}`",
+            s["task"],
+            str(s["length"]),
+            _keep(s),
+            str(s["n"]),
+            _with_interval(s["accuracy"], s["accuracy_low"], s["accuracy_high"]),
+            _with_interval(s["vs_full"], s["vs_full_low"], s["vs_full_high"], signed=True),
+            s["vs_full_verdict"] or "-",
+            _with_interval(
+                s["vs_reference"], s["vs_reference_low"], s["vs_reference_high"], signed=True
+            ),
+            s["vs_reference_verdict"] or "-",
+            _fmt(s["kept_tokens"], 1),
+            _fmt(s["target_tokens"], 1),
+            "yes" if s["fair"] else "**no**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "KV MiB is the compressed cache, peak KV the most held during prefill. Times are means "
+        "per row in seconds: `compress` is the policy's scoring and selection, `decode` feeds "
+        "the question and generates the answer (tok/s = answer tokens / decode s). With a shared "
+        "prefill (`shared` = fraction of rows that used one) `prefill` is the one forward pass "
+        "all sharing policies of a sample started from, counted on each of their rows.",
+        "",
+        "| policy | task | length | keep | KV MiB | peak KV MiB | prefill s | compress s "
+        "| decode s | decode tok/s | shared |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        cells = [
+            f"`{s['policy']}`",
+            s["task"],
+            str(s["length"]),
+            _keep(s),
+            _fmt(s["kv_kept_mib"]),
+            _fmt(s["peak_kv_mib"]),
+            _fmt(s["prefill_s"]),
+            _fmt(s["compress_s"], 3),
+            _fmt(s["decode_s"]),
+            _fmt(s["decode_tok_s"], 1),
+            _fmt(s["shared_prefill"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if unfair:
         lines.append("## Fairness warnings")
@@ -174,111 +337,191 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         lines.append(
             f"Fairness: every policy kept its target token count within {FAIRNESS_TOLERANCE:.0%}."
         )
-    lines.append("")
+    lines += ["", tighter_intervals_hint(summary), ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     return summary
 
 
+# ---- plots -----------------------------------------------------------------------------------
+FULL_COLOR = "#222222"  # near-black, distinct from the black of text and axes
+
+
+def policy_colors(summary: list[dict]) -> dict[str, str]:
+    """One colour per policy for every plot of a run: ``full`` near-black, the rest in table order."""
+    import matplotlib
+
+    palette = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
+    colors = {"full": FULL_COLOR}
+    for s in summary:
+        if s["policy"] not in colors:
+            colors[s["policy"]] = palette[(len(colors) - 1) % len(palette)]
+    return colors
+
+
 def write_plots(out: Path, summary: list[dict]) -> list[Path]:
-    """Accuracy vs keep ratio (per task), vs context length (per task), vs KV memory."""
+    """Accuracy vs keep ratio, vs context length and vs KV memory, with 95 % interval bars.
+
+    Every plot of a run uses the same colour per policy (``full`` in black, drawn on top with
+    its own marker so it stays visible where others reach the same accuracy); series at the same
+    x are spread a few points apart so their bars do not hide each other; a hollow marker is a
+    cell whose budget was unfair.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import ScaledTranslation
 
+    colors = policy_colors(summary)
+    policies = list(colors)
     tasks = sorted({s["task"] for s in summary})
-    policies = sorted({s["policy"] for s in summary if s["policy"] != "full"})
+    lengths = sorted({s["length"] for s in summary})
+    keeps = sorted({s["keep"] for s in summary if s["keep"] is not None}, reverse=True)
     paths = [out / name for name in PLOTS]
 
-    def panels(title: str):
+    def figure(n_rows: int, n_cols: int, title: str):
         fig, axes = plt.subplots(
-            1, len(tasks), figsize=(4.2 * len(tasks) + 1, 3.6), squeeze=False, sharey=True
+            n_rows,
+            n_cols,
+            figsize=(max(6.0, 4.6 * n_cols + 0.6), 3.4 * n_rows + 1.2),
+            squeeze=False,
+            sharey=True,
+            layout="constrained",
         )
-        fig.suptitle(title)
-        return fig, axes[0]
+        fig.suptitle(title, fontsize=12)
+        return fig, axes
 
-    def avg(items, key):
-        return _mean(s[key] for s in items)
+    def series(ax, items, x_of, policy, index, count, label=None, marker=None, line=True):
+        """One policy's points (sorted by x) with interval bars, dodged by ``index``."""
+        items = sorted(items, key=x_of)
+        if not items:
+            return
+        dx = (index - (count - 1) / 2) * 5 / 72  # points -> inches
+        trans = ax.transData + ScaledTranslation(dx, 0, ax.figure.dpi_scale_trans)
+        color = colors[policy]
+        is_full = policy == "full"
+        xs = [x_of(s) for s in items]
+        ys = [s["accuracy"] for s in items]
+        lo = [max(0.0, s["accuracy"] - s["accuracy_low"]) for s in items]
+        hi = [max(0.0, s["accuracy_high"] - s["accuracy"]) for s in items]
+        lo = [0.0 if math.isnan(v) else v for v in lo]
+        hi = [0.0 if math.isnan(v) else v for v in hi]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[lo, hi],
+            transform=trans,
+            color=color,
+            ls=("--" if is_full else "-") if line else "none",
+            lw=1.6,
+            marker=marker or ("s" if is_full else "o"),
+            ms=6,
+            capsize=3,
+            elinewidth=1.2,
+            zorder=5 if is_full else 3,
+            label=label,
+        )
+        for x, y, s in zip(xs, ys, items, strict=True):
+            if not s["fair"]:  # hollow marker: not comparable
+                ax.plot([x], [y], transform=trans, marker="o", ms=9, mfc="white", mec=color,
+                        mew=1.5, ls="none", zorder=6)  # fmt: skip
 
-    # accuracy vs keep ratio, averaged over lengths
-    fig, axes = panels("Accuracy vs keep ratio (mean over lengths)")
-    for ax, task in zip(axes, tasks, strict=True):
-        for pol in policies:
-            keeps = sorted(
-                {
-                    s["keep"]
-                    for s in summary
-                    if s["task"] == task and s["policy"] == pol and s["keep"] is not None
-                }
-            )  # a spec with its own token budget has no keep ratio to plot against
-            ys = [
-                avg(
-                    [
-                        s
-                        for s in summary
-                        if s["task"] == task and s["policy"] == pol and s["keep"] == k
-                    ],
-                    "accuracy",
-                )
-                for k in keeps
-            ]
-            ax.plot(keeps, ys, marker="o", label=pol)
-        full = [s for s in summary if s["task"] == task and s["policy"] == "full"]
-        if full:
-            ax.axhline(avg(full, "accuracy"), color="black", ls="--", lw=1, label="full")
-        ax.set_title(task)
-        ax.set_xlabel("keep ratio")
-        ax.set_ylim(-0.05, 1.05)
-    axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=100)
+    def finish(fig, axes, extra_handles=()):
+        for ax in axes.flat:
+            ax.set_ylim(-0.08, 1.12)
+            ax.axhline(1.0, color="0.85", lw=0.8, zorder=0)
+            ax.axhline(0.0, color="0.85", lw=0.8, zorder=0)
+            ax.grid(alpha=0.25)
+        for row in axes:
+            row[0].set_ylabel("accuracy (95% interval)")
+        handles = [
+            Line2D([], [], color=colors[p], marker="s" if p == "full" else "o",
+                   ls="--" if p == "full" else "-", label=p)
+            for p in policies
+        ]  # fmt: skip
+        handles += list(extra_handles)
+        if any(not s["fair"] for s in summary):
+            handles.append(
+                Line2D([], [], color="0.3", marker="o", mfc="white", ls="none",
+                       label="hollow: unfair budget")
+            )  # fmt: skip
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=min(len(handles), 5),
+            fontsize=10,
+            frameon=False,
+        )
+
+    def pick(**where):
+        return [s for s in summary if all(s[k] == v for k, v in where.items())]
+
+    # 1. accuracy vs keep ratio: a panel per task (columns) and length (rows); full at keep 1
+    fig, axes = figure(len(lengths), len(tasks), "Accuracy vs keep ratio")
+    for i, length in enumerate(lengths):
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            for k, pol in enumerate(policies):
+                items = pick(task=task, length=length, policy=pol)
+                if pol != "full":
+                    items = [s for s in items if s["keep"] is not None]
+                series(ax, items, lambda s: 1.0 if s["keep"] is None else s["keep"], pol, k,
+                       len(policies))  # fmt: skip
+            ax.set_xscale("log")
+            ticks = sorted({*keeps, 1.0})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.set_xlim(ticks[0] / 1.4, 1.4)
+            ax.minorticks_off()
+            ax.set_title(f"{task}, {length} tokens", fontsize=10)
+            ax.set_xlabel("keep ratio (full cache = 1)")
+    finish(fig, axes)
+    fig.savefig(paths[0], dpi=PLOT_DPI)
     plt.close(fig)
 
-    # accuracy vs context length, one line per policy and keep ratio
-    fig, axes = panels("Accuracy vs context length")
-    for ax, task in zip(axes, tasks, strict=True):
-        lines = sorted(
-            {(s["policy"], s["keep"]) for s in summary if s["task"] == task},
-            key=lambda pk: (pk[0] != "full", pk[0], -(pk[1] or 2.0)),
-        )
-        for pol, keep in lines:
-            pts = sorted(
-                (s["length"], s["accuracy"])
-                for s in summary
-                if s["task"] == task and s["policy"] == pol and s["keep"] == keep
-            )
-            label = pol if keep is None else f"{pol} @{keep:g}"
-            style = {"color": "black", "ls": "--"} if pol == "full" else {}
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
-        ax.set_title(task)
-        ax.set_xlabel("context tokens")
-        ax.set_ylim(-0.05, 1.05)
-    axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
+    # 2. accuracy vs context length: a panel per task (columns) and keep ratio (rows)
+    rows_of = keeps or [None]
+    fig, axes = figure(len(rows_of), len(tasks), "Accuracy vs context length")
+    for i, keep in enumerate(rows_of):
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            for k, pol in enumerate(policies):
+                items = pick(task=task, policy=pol)
+                if pol != "full":
+                    items = [s for s in items if s["keep"] == keep]
+                series(ax, items, lambda s: s["length"], pol, k, len(policies))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.set_xlim(lengths[0] / 1.4, lengths[-1] * 1.4)
+            ax.minorticks_off()
+            ax.set_title(f"{task}" + ("" if keep is None else f", keep {keep:g}"), fontsize=10)
+            ax.set_xlabel("context tokens")
+    finish(fig, axes)
+    fig.savefig(paths[1], dpi=PLOT_DPI)
     plt.close(fig)
 
-    # accuracy vs KV memory, one point per policy x keep (mean over tasks and lengths)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for pol in ["full", *policies]:
-        keeps = sorted(
-            {s["keep"] for s in summary if s["policy"] == pol}, key=lambda k: -(k or 2.0)
-        )
-        xs, ys = [], []
-        for k in keeps:
-            items = [s for s in summary if s["policy"] == pol and s["keep"] == k]
-            xs.append(avg(items, "kv_kept_mib"))
-            ys.append(avg(items, "accuracy"))
-        style = {"color": "black", "marker": "s"} if pol == "full" else {"marker": "o"}
-        ax.plot(xs, ys, label=pol, **style)
-    ax.set_xlabel("KV cache kept (MiB, mean)")
-    ax.set_ylabel("accuracy (mean over tasks and lengths)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Accuracy vs KV memory")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=100)
+    # 3. accuracy vs KV memory: a panel per task; a line per policy and length through its keeps
+    markers = ["o", "^", "D", "v", "P", "X", "*"]
+    length_marker = {n: markers[i % len(markers)] for i, n in enumerate(lengths)}
+    fig, axes = figure(1, len(tasks), "Accuracy vs KV cache kept")
+    for j, task in enumerate(tasks):
+        ax = axes[0][j]
+        for k, pol in enumerate(policies):
+            for length in lengths:
+                items = pick(task=task, policy=pol, length=length)
+                series(ax, items, lambda s: s["kv_kept_mib"], pol, k, len(policies),
+                       marker=length_marker[length])  # fmt: skip
+        ax.set_xscale("log")
+        mib = [s["kv_kept_mib"] for s in pick(task=task) if s["kv_kept_mib"] > 0]
+        if mib:  # dodged artists do not autoscale: set the range from the data
+            ax.set_xlim(min(mib) / 1.5, max(mib) * 1.5)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("KV cache kept (MiB, log scale)")
+    extra = [
+        Line2D([], [], color="0.3", marker=length_marker[n], ls="none", label=f"{n} tokens")
+        for n in lengths
+    ]
+    finish(fig, axes, extra)
+    fig.savefig(paths[2], dpi=PLOT_DPI)
     plt.close(fig)
     return paths
