@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # the registry imports torch; it loads in run(), not with `kvlab --help`
+    from kvpress_lab.registry import Registry
 
-from kvpress_lab.registry import KINDS, Registry, default_registry
-from kvpress_lab.spec import describe_parameters
+# table titles; "policys" is not a word
+PLURALS = {
+    "policy": "policies",
+    "scorer": "scorers",
+    "selector": "selectors",
+    "budgeter": "budgeters",
+}
 
 
 def add_parser(sub) -> None:
@@ -19,6 +25,9 @@ def add_parser(sub) -> None:
 
 
 def listing(registry: Registry) -> dict:
+    from kvpress_lab.registry import KINDS
+    from kvpress_lab.spec import describe_parameters
+
     out: dict = {}
     for kind in KINDS:
         rows = []
@@ -52,13 +61,18 @@ def _jsonable(value):
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvpress_lab.registry import KINDS, default_registry
+
     data = listing(default_registry())
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     for kind in KINDS:
-        table = Table(title=f"{kind}s", title_justify="left", show_lines=False)
+        table = Table(title=PLURALS.get(kind, f"{kind}s"), title_justify="left", show_lines=False)
         table.add_column("name", style="bold")
         table.add_column("distribution")
         table.add_column("parameters (default)")
