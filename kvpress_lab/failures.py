@@ -78,8 +78,12 @@ def _source_file(cls: type) -> str | None:
         return None
 
 
-def distribution_of(cls: type, registry=None) -> str:
-    """``"name version"`` of the installed distribution that ships ``cls``."""
+def distribution_of(cls: type, registry=None, policy_cls: type | None = None) -> str:
+    """``"name version"`` of the installed distribution that ships ``cls``.
+
+    Looked up in the registry (registered components), then by the top-level package, then,
+    for a helper class defined beside its policy, as the policy's distribution.
+    """
     if registry is not None:
         for table in registry.components.values():
             for comp in table.values():
@@ -92,6 +96,8 @@ def distribution_of(cls: type, registry=None) -> str:
             return f"{dists[0]} {metadata.version(dists[0])}"
         except metadata.PackageNotFoundError:
             return dists[0]
+    if policy_cls is not None and policy_cls is not cls and policy_cls.__module__ == cls.__module__:
+        return distribution_of(policy_cls, registry)
     return f"module {cls.__module__}, not an installed distribution"
 
 
@@ -101,7 +107,8 @@ def attribute(exc: BaseException, policy, registry=None) -> PluginFailure | None
     policy_name = components[0][1]
 
     def failure(kind: str, name: str, obj: object, error: str) -> PluginFailure:
-        return PluginFailure(kind, name, policy_name, distribution_of(type(obj), registry), error)
+        dist = distribution_of(type(obj), registry, type(policy))
+        return PluginFailure(kind, name, policy_name, dist, error)
 
     if isinstance(exc, PluginError):
         m = _ENGINE_CHECK.match(str(exc))

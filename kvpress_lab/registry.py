@@ -83,13 +83,38 @@ class Registry:
         table = self.components.get(kind, {})
         if name in table:
             return table[name]
+        broken = self._broken(name)
+        if broken is not None:
+            raise UnknownPolicyError(
+                f"{kind} {name!r} is not available: plugin {broken.plugin!r} from "
+                f"{broken.distribution} failed to load ({broken.error}); fix or reinstall "
+                f"{broken.distribution} (`kvlab plugins` lists broken plugins)"
+            )
         available = sorted(table)
         close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        skipped = (
+            f"; {len(self.problems)} plugin(s) failed to load and were skipped"
+            if self.problems
+            else ""
+        )
         raise UnknownPolicyError(
             f"unknown {kind} {name!r}.{hint} Available {kind} names: {', '.join(available) or 'none'}"
-            " (run `kvlab plugins` to list them with their parameters)"
+            f" (run `kvlab plugins` to list them with their parameters{skipped})"
         )
+
+    def _broken(self, name: str) -> PluginProblem | None:
+        """The load failure that most likely hid ``name``: a plugin (entry point) of that name,
+        or a distribution named after it (``kvlab-NAME``, ``NAME``)."""
+        wanted = _normalize(name)
+        for problem in self.problems:
+            if _normalize(problem.plugin) == wanted:
+                return problem
+        for problem in self.problems:
+            dist = _normalize(problem.distribution)
+            if dist == wanted or dist.removeprefix("kvlab-") == wanted:
+                return problem
+        return None
 
     def policy_class(self, name: str) -> type[Policy]:
         return self.get("policy", name).cls
@@ -169,6 +194,10 @@ def _check_component(kind: str, base: type, cls: object) -> str | None:
     if not isinstance(name, str) or not name:
         return f"{kind} class {cls.__qualname__} has no `name` class attribute"
     return None
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
 def _describe(exc: BaseException) -> str:

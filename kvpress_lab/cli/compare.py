@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from kvpress_lab.compare.defaults import DEFAULTS
 from kvpress_lab.compare.parse import parse_keeps, parse_lengths, parse_list, parse_shard
-from kvpress_lab.compare.runner import DEFAULTS
 
 
 def _join(values) -> str:
@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
         description=(
             "Run every policy at every keep ratio on generated long-context samples, plus the "
             "full cache, and write results.jsonl, summary.md/.csv, metadata.json and plots. "
-            "Rerunning with the same --out resumes."
+            "Rerunning with the same --out resumes; a different sweep into an existing --out is "
+            "refused unless --extend. A cell whose plugin fails is recorded as a failed row, the "
+            "other cells still run, and the exit status is 3."
         ),
     )
     p.add_argument(
@@ -67,7 +69,15 @@ def add_parser(sub) -> None:
         "--out",
         type=Path,
         default=None,
-        help="result directory; an existing one is resumed (default: kvlab-results/<timestamp>)",
+        help="result directory; an existing one is resumed when it holds the same sweep "
+        "(default: kvlab-results/<timestamp>)",
+    )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="add this run's policies, tasks, lengths, keep ratios or samples to the sweep "
+        "already in --out (metadata.json records every invocation); without it a different "
+        "sweep is refused",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -132,6 +142,7 @@ def _arguments(args: argparse.Namespace) -> str:
     for flag, on in (
         ("--query-agnostic", args.query_agnostic),
         ("--no-shared-prefill", args.no_shared_prefill),
+        ("--extend", args.extend),
     ):
         if on:
             parts.append(flag)
@@ -142,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kvpress_lab.compare.runner import compare
-    from kvpress_lab.errors import InputError
+    from kvpress_lab.errors import InputError, PluginError
 
     specs = _policy_specs(args.policies)
     tasks = parse_list(args.tasks, "--tasks")
@@ -169,21 +180,29 @@ def run(args: argparse.Namespace) -> int:
         share_prefill=not args.no_shared_prefill,
         progress=not args.no_progress,
         html_sample=args.html_sample,
+        extend=args.extend,
         command=shlex.join(sys.argv),
         arguments=_arguments(args),
     )
     console = Console()
-    if not result.summary:
+    if not result.merged:
         console.print(
             f"shard done: {result.ran} row(s) written under {result.out}; run the same command "
             "without --shard (or let `accelerate launch`'s main process finish) to merge",
             highlight=False,
         )
-        return 0
-    console.print((result.out / "summary.md").read_text(encoding="utf-8"), markup=False)
-    console.print(
-        f"{result.ran} row(s) run, {len(result.rows)} in {result.out} (results.jsonl, summary.md, "
-        "summary.csv, metadata.json, *.png)",
-        highlight=False,
-    )
+    else:
+        console.print((result.out / "summary.md").read_text(encoding="utf-8"), markup=False)
+        console.print(
+            f"{result.ran} row(s) run, {len(result.rows)} in {result.out} (results.jsonl, "
+            "summary.md, summary.csv, metadata.json, *.png)",
+            highlight=False,
+        )
+    if result.failed:
+        raise PluginError(
+            f"{len(result.failed)} of {len(result.rows)} row(s) failed, first: "
+            f"{result.failed[0]['error']} -- they are failed rows in "
+            f"{result.out / 'results.jsonl'} and listed under 'Failed cells' in summary.md; the "
+            "other cells ran; rerun the same command to retry only the failed ones"
+        )
     return 0

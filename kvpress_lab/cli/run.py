@@ -6,11 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from kvpress_lab.errors import InputError, KvlabError, PluginError
 
-from kvpress_lab.errors import InputError
-from kvpress_lab.spec import load_policy
+# torch, transformers and the plugins load inside run(), so `kvlab --help` stays fast
 
 
 def add_parser(sub) -> None:
@@ -65,26 +63,48 @@ def read_context(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvpress_lab.engine.api import run_segments
-    from kvpress_lab.engine.runner import check_fits
-    from kvpress_lab.models import load_model
-    from kvpress_lab.prompt import build_prompt
+    from rich.console import Console
+    from rich.table import Table
 
+    from kvpress_lab.engine.api import run_segments
+    from kvpress_lab.engine.checks import check_prompt_fits
+    from kvpress_lab.models import load_model, load_tokenizer, model_max_positions, resolve_model
+    from kvpress_lab.outputs import check_output_file
+    from kvpress_lab.prompt import build_prompt
+    from kvpress_lab.spec import load_policy
+
+    # every input and output is checked before the weights load (tens of seconds)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    policy = load_policy(args.policy)  # bad specs fail before the model loads
+    policy = load_policy(args.policy)
     context = read_context(args.context_file)
     if not args.question.strip():
         raise InputError("the question is empty; give a question (--question)")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    check_output_file(args.html, "--html")
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
     segments = build_prompt(
-        lm.tokenizer, context, args.question, args.answer_prefix, not args.no_chat_template
+        tokenizer, context, args.question, args.answer_prefix, not args.no_chat_template
     )
-    check_fits(lm, segments, args.max_new_tokens)
-    policy.compose().budgeter.validate(segments.context_length)
-    result = run_segments(
-        lm, policy, segments, query_agnostic=args.query_agnostic, max_new_tokens=args.max_new_tokens
+    check_prompt_fits(
+        model_max_positions(source),
+        source.name,
+        segments.context_length,
+        segments.question_length,
+        args.max_new_tokens,
+        fix=f"shorten the context in {args.context_file} to at most {{room}} tokens",
     )
+    with _plugin_failures(policy):
+        policy.compose().budgeter.validate(segments.context_length)
+    lm = load_model(source, device=args.device, dtype=args.dtype, tokenizer=tokenizer)
+    with _plugin_failures(policy):
+        result = run_segments(
+            lm,
+            policy,
+            segments,
+            query_agnostic=args.query_agnostic,
+            max_new_tokens=args.max_new_tokens,
+        )
     if args.html is not None:
         from kvpress_lab.views.retention import write_retention_html
 
@@ -127,3 +147,27 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(k, v)
     console.print(table)
     return 0
+
+
+class _plugin_failures:
+    """Turn an exception raised by one of the policy's plugins into a one-line PluginError
+    (exit status 3) naming the plugin and its distribution; bad input stays a KvlabError (2)
+    and errors no plugin caused keep their traceback (they are bugs)."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, KvlabError) and not isinstance(exc, PluginError):
+            return False
+        from kvpress_lab.failures import plugin_error
+
+        failure = plugin_error(exc, self.policy)
+        if failure is None:
+            return False
+        raise failure from None

@@ -26,12 +26,15 @@ from typing import Any
 
 import attrs
 
+from kvpress_lab.compare.defaults import DEFAULTS
 from kvpress_lab.compare.parse import parse_keeps, parse_lengths
 from kvpress_lab.compare.report import write_plots, write_summary
 from kvpress_lab.compare.store import (
     RESULTS,
     append_row,
     check_metadata,
+    check_sweep,
+    extend_sweep,
     jsonable,
     merge,
     read_rows,
@@ -39,8 +42,10 @@ from kvpress_lab.compare.store import (
     shard_path,
     write_json,
 )
-from kvpress_lab.errors import InputError
-from kvpress_lab.models import DEFAULT_MODEL, LoadedModel
+from kvpress_lab.errors import InputError, KvlabError, PluginError
+from kvpress_lab.failures import attribute, describe_exception
+from kvpress_lab.models import LoadedModel
+from kvpress_lab.outputs import check_output_dir
 from kvpress_lab.policy import Policy, budget_tokens
 from kvpress_lab.registry import Registry, default_registry
 from kvpress_lab.spec import load_policy, parse_spec
@@ -52,19 +57,6 @@ __all__ = [
     "compare",
     "plan_policies",
 ]
-
-# Chosen so `kvlab compare --policies laserkv,snapkv` with the default model finishes in minutes
-# on 2 CPU cores (measured time in notes/compare-run.md). Needle retrieval is what separates
-# policies with the default model (BABILong-style tasks need a larger one); at keep 0.5 every
-# policy still finds the needle at these lengths, so the defaults look at 0.25 and 0.1.
-DEFAULTS: dict[str, Any] = {
-    "tasks": ("niah",),
-    "lengths": (1024, 2048),
-    "keeps": (0.25, 0.1),
-    "samples": 3,
-    "seed": 0,
-    "max_new_tokens": 24,
-}
 
 _VERSIONED = (
     "kvpress-lab",
@@ -104,6 +96,8 @@ class CompareResult:
     rows: list[dict]
     summary: list[dict]
     ran: int  # rows computed by this call (the others were already in ``out``)
+    failed: list[dict] = attrs.field(factory=list)  # failed rows in ``out`` (plugin errors)
+    merged: bool = True  # False for a shard's share: no summary was written
 
 
 def policy_label(policy: Policy) -> str:
@@ -148,12 +142,25 @@ def plan_policies(
                 keep = policy.keep_ratio if policy.budget is None else None
             else:
                 policy = load_policy(spec, registry, keep_ratio=keep)
-            policy.compose()  # composition errors surface before the model loads
+            _compose(policy, registry)  # composition errors surface before the model loads
             if (label, keep) in seen:
                 continue
             seen.add((label, keep))
             entries.append(Entry(label, keep, policy))
     return entries
+
+
+def _compose(policy: Policy, registry: Registry | None):
+    """``policy.compose()``, a plugin's exception turned into a one-line PluginError."""
+    try:
+        return policy.compose()
+    except KvlabError:
+        raise
+    except Exception as exc:
+        failure = attribute(exc, policy, registry)
+        if failure is None:
+            raise
+        raise PluginError(failure.message()) from None
 
 
 def _versions() -> dict[str, str | None]:
@@ -225,6 +232,7 @@ def compare(
     arguments: str | None = None,
     on_row: Callable[[dict], None] | None = None,
     html_sample: int | None = None,
+    extend: bool = False,
 ) -> CompareResult:
     """Run (or resume) a comparison and write its artifacts to ``out``.
 
@@ -235,6 +243,12 @@ def compare(
     ``shard`` to merge and report). ``html_sample`` (a sample index) writes one token-retention
     page per policy for that sample of every task x length x keep run in this invocation, under
     ``out/retention/``.
+
+    Every input and output is checked before the weights load, and ``out`` is created only
+    after they did: a refused run leaves nothing behind. An existing ``out`` is resumed when it
+    holds the same sweep (policies, tasks, lengths, keep ratios, samples); another sweep is
+    refused unless ``extend`` adds this one to it. A cell whose plugin fails is stored as a
+    failed row (``CompareResult.failed``), and every other cell still runs.
     """
     from kvpress_lab.tasks import generate_samples, score
 
@@ -242,10 +256,14 @@ def compare(
     lengths = parse_lengths(list(lengths) if not isinstance(lengths, str) else lengths)
     keeps = parse_keeps(list(keeps) if not isinstance(keeps, str) else keeps)
     tasks = [os.fspath(t) for t in tasks]
-    _check_tasks(tasks)
     for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} {value!r} must be an integer >= 1")
+    _check_tasks(tasks, samples)
+    if html_sample is not None and not 0 <= html_sample < samples:
+        raise InputError(
+            f"--html-sample {html_sample} is not a sample of this sweep; give 0..{samples - 1}"
+        )
     entries = plan_policies(policies, keeps, registry)
 
     state = _distributed()
@@ -257,68 +275,118 @@ def compare(
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("kvlab-results") / stamp
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
+    check_output_dir(out, "--out")
 
     protocol = "query-agnostic" if query_agnostic else "question-aware"
-    model_name = lm.name if lm is not None else (os.fspath(model) if model else DEFAULT_MODEL)
+    source = None
+    if lm is None:
+        from kvpress_lab.models import resolve_model
+
+        source = resolve_model(model)  # missing paths, empty dirs, no network: seconds
+        model_name = source.name
+    else:
+        model_name = lm.name
     expected = {
         "model": model_name,
         "seed": seed,
         "protocol": protocol,
         "max_new_tokens": max_new_tokens,
     }
-    old_meta = check_metadata(out, expected)  # before the model loads
-    out.mkdir(parents=True, exist_ok=True)
+    sweep = {
+        "policies": [p if isinstance(p, str) else policy_label(p) for p in policies],
+        "tasks": tasks,
+        "lengths": lengths,
+        "keeps": keeps,
+        "samples": samples,
+    }
+    old_meta = check_metadata(out, expected)
+    check_sweep(out, old_meta, sweep, extend)
+
+    # the prompts of every task x length, checked against the model's limit (from its config)
+    # with the tokenizer alone, so the weights load only for a run that can finish
+    from kvpress_lab.engine.checks import check_prompt_fits
+    from kvpress_lab.prompt import build_prompt
+
+    if lm is None:
+        from kvpress_lab.models import load_tokenizer, model_max_positions
+
+        limit = model_max_positions(source)
+        for length in lengths:  # hopeless lengths fail before any sample is generated
+            check_prompt_fits(
+                limit, model_name, length, 0, max_new_tokens, fix=_LENGTHS_FIX
+            )  # fmt: skip
+        tokenizer = load_tokenizer(source)
+    else:
+        limit, tokenizer = lm.max_positions, lm.tokenizer
+    count = _count_tokens(tokenizer)
+    groups: list[_Group] = []
+    for task in tasks:
+        for length in lengths:
+            for i, sample in enumerate(generate_samples(task, length, samples, seed, count)):
+                segments = build_prompt(
+                    tokenizer, sample.context, sample.question, sample.answer_prefix,
+                    chat_template,
+                )  # fmt: skip
+                line = sample.meta.get("line")
+                check_prompt_fits(
+                    limit, model_name, segments.context_length, segments.question_length,
+                    max_new_tokens,
+                    fix=_LENGTHS_FIX if line is None
+                    else f"shorten the context of {task} line {line} to at most {{room}} tokens",
+                )  # fmt: skip
+                for e in entries:
+                    _compose(e.policy, registry).budgeter.validate(segments.context_length)
+                groups.append(_Group(str(task), length, i, sample, segments))
 
     if lm is None:
         from kvpress_lab.models import load_model
 
         if device is None and state is not None:
             device = str(state.device)
-        lm = load_model(model, device=device, dtype=dtype)
+        lm = load_model(source, device=device, dtype=dtype, tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory
 
-    # samples and prompts for every task x length, checked before any model work
-    from kvpress_lab.engine.runner import check_fits
-    from kvpress_lab.prompt import build_prompt
-
-    count = _count_tokens(lm.tokenizer)
-    groups: list[_Group] = []
-    for task in tasks:
-        for length in lengths:
-            for i, sample in enumerate(generate_samples(task, length, samples, seed, count)):
-                segments = build_prompt(
-                    lm.tokenizer, sample.context, sample.question, sample.answer_prefix,
-                    chat_template,
-                )  # fmt: skip
-                check_fits(lm, segments, max_new_tokens)
-                for e in entries:
-                    e.policy.compose().budgeter.validate(segments.context_length)
-                groups.append(_Group(str(task), length, i, sample, segments))
-
+    invocation = {
+        "command": command or shlex.join(sys.argv),
+        "arguments": arguments,
+        "at": _now(),
+        "extend": extend,
+        **sweep,
+    }
+    if shard is not None:
+        invocation["shard"] = list(shard)
+    if old_meta and extend:
+        definition = extend_sweep(old_meta, sweep)
+    elif old_meta:  # a resume: the directory keeps the definition it was started with
+        definition = {k: old_meta.get(k, v) for k, v in sweep.items()}
+    else:
+        definition = sweep
+    resolved = [
+        {
+            "spec": e.spec,
+            "keep_ratio": e.keep,
+            "name": e.policy.name,
+            "params": e.params,
+            **_policy_source(registry, e.policy),
+        }
+        for e in entries
+    ]
+    if old_meta and extend:
+        seen = {(p["spec"], p["keep_ratio"]) for p in resolved}
+        resolved = [
+            p for p in old_meta.get("resolved_policies", []) if (p["spec"], p["keep_ratio"]) not in seen
+        ] + resolved  # fmt: skip
     meta = {
         **expected,
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
-        "command": command or shlex.join(sys.argv),
+        "command": invocation["command"],
         "arguments": arguments,
-        "policies": [p if isinstance(p, str) else policy_label(p) for p in policies],
-        "tasks": tasks,
-        "lengths": lengths,
-        "keeps": keeps,
-        "samples": samples,
+        **definition,
         "chat_template": chat_template,
         "share_prefill": share_prefill,
-        "resolved_policies": [
-            {
-                "spec": e.spec,
-                "keep_ratio": e.keep,
-                "name": e.policy.name,
-                "params": e.params,
-                **_policy_source(registry, e.policy),
-            }
-            for e in entries
-        ],
+        "resolved_policies": resolved,
+        "invocations": _invocations(old_meta) + [invocation],
         "versions": _versions(),
         "plugins": [attrs.asdict(p) for p in registry.plugins],
         "plugin_problems": [str(p) for p in registry.problems],
@@ -330,7 +398,7 @@ def compare(
     if shard is None or shard[0] == 0:
         write_json(out / "metadata.json", meta)
 
-    done = {row["key"] for row in read_rows(out)}
+    done = {row["key"] for row in read_rows(out) if not row.get("failed")}
     mine = [g for j, g in enumerate(groups) if shard is None or j % shard[1] == shard[0]]
     target = out / RESULTS if shard is None else shard_path(out, shard)
     work = [
@@ -354,12 +422,21 @@ def compare(
             for keep in [e.keep] if e.keep is not None else keeps:
                 pages.setdefault((g.task, g.length, keep), (g, {}))[1][e.spec] = result
 
+    def fail(g: _Group, e: Entry, exc: Exception) -> None:
+        nonlocal ran
+        row = _failed_row(e, g, exc, registry, protocol, seed, lm.name)
+        append_row(target, row)
+        ran += 1
+        if on_row is not None:
+            on_row(row)
+
     try:
         with _progress(progress, total) as advance:
             for g, pending in work:
                 _run_group(
-                    lm, g, pending, share_prefill, query_agnostic, max_new_tokens, store, advance
-                )
+                    lm, g, pending, share_prefill, query_agnostic, max_new_tokens, store, fail,
+                    advance,
+                )  # fmt: skip
     except KeyboardInterrupt:
         print(
             f"kvlab compare: stopped; {ran} new row(s) saved in {target}. Run the same command "
@@ -378,18 +455,96 @@ def compare(
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()
         if not state.is_main_process:
-            return CompareResult(out, [], [], ran)
+            return CompareResult(out, [], [], ran, merged=False)
     elif shard is not None:
-        return CompareResult(out, read_rows(out), [], ran)
+        rows = read_rows(out)
+        failed = [r for r in rows if r.get("failed")]
+        return CompareResult(out, rows, [], ran, failed, merged=False)
     rows = merge(out)
-    summary = write_summary(out, rows, meta)
+    good = [r for r in rows if not r.get("failed")]
+    failed = [r for r in rows if r.get("failed")]
+    summary = write_summary(out, good, meta)
+    if failed:
+        _append_failures(out / "summary.md", failed)
     write_plots(out, summary)
-    return CompareResult(out, rows, summary, ran)
+    return CompareResult(out, rows, summary, ran, failed)
 
 
-def _check_tasks(tasks: list[str]) -> None:
-    """Unknown task names and missing files fail before the model loads."""
+_LENGTHS_FIX = "lower --lengths (at most {room} context tokens fit)"
+
+
+def _invocations(old: dict | None) -> list[dict]:
+    """Earlier invocations recorded in a directory's metadata (older files list none)."""
+    if not old:
+        return []
+    if "invocations" in old:
+        return list(old["invocations"])
+    keys = ("policies", "tasks", "lengths", "keeps", "samples")
+    return [
+        {
+            "command": old.get("command"),
+            "arguments": old.get("arguments"),
+            "at": old.get("updated"),
+            **{k: old.get(k) for k in keys},
+        }
+    ]
+
+
+def _failed_row(e: Entry, g: _Group, exc: Exception, registry, protocol, seed, model) -> dict:
+    """A cell whose plugin failed: its identity, the error in one line, and the traceback."""
+    import traceback
+
+    failure = attribute(exc, e.policy, registry)
+    return {
+        "key": _key(e, g),
+        "failed": True,
+        "error": failure.message() if failure is not None else describe_exception(exc),
+        "plugin": failure.to_dict() if failure is not None else None,
+        "traceback": "".join(traceback.format_exception(exc)[-12:]),
+        "spec": e.spec,
+        "policy": e.policy.name,
+        "params": e.params,
+        "keep_ratio": e.keep,
+        "task": g.task,
+        "sample_id": g.sample.sample_id,
+        "sample_index": g.index,
+        "target_length": g.length,
+        "protocol": protocol,
+        "seed": seed,
+        "model": model,
+    }
+
+
+def _append_failures(path: Path, failed: list[dict]) -> None:
+    """Mark the failed cells under the summary table: which, how many samples, the error."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in failed:
+        cells.setdefault(
+            (row["spec"], row["task"], row["target_length"], row["keep_ratio"]), []
+        ).append(row)
+    lines = [
+        "",
+        "## Failed cells",
+        "",
+        f"{len(failed)} row(s) failed and are not counted above (their cells' n is smaller, or "
+        "the cell is missing). They are stored as failed rows in results.jsonl; rerun the same "
+        "command after fixing the plugin to run only them.",
+        "",
+        "| policy | task | length | keep | failed samples | error |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for (spec, task, length, keep), rows in cells.items():
+        error = rows[0]["error"].replace("|", "\\|")
+        keep_text = "1 (full)" if keep is None and spec == "full" else keep
+        lines.append(f"| `{spec}` | {task} | {length} | {keep_text} | {len(rows)} | {error} |")
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _check_tasks(tasks: list[str], samples: int) -> None:
+    """Unknown task names, missing files and malformed JSONL lines fail before the model loads."""
     from kvpress_lab.tasks import available_tasks
+    from kvpress_lab.tasks.jsonl import read_jsonl
 
     if not tasks or any(not t.strip() for t in tasks):
         raise InputError("--tasks is empty; give task names (e.g. niah,vt) or .jsonl paths")
@@ -399,6 +554,7 @@ def _check_tasks(tasks: list[str]) -> None:
         if task.lower().endswith(".jsonl") or "/" in task or os.sep in task:
             if not Path(task).is_file():
                 raise InputError(f"task file {task} does not exist")
+            read_jsonl(task, samples)  # every line is validated, not only the first ``samples``
             continue
         raise InputError(
             f"unknown task {task!r}; available tasks: {', '.join(available_tasks())}, "
@@ -420,17 +576,19 @@ def _key(e: Entry, g: _Group) -> str:
     return row_key(e.spec, e.params, g.task, g.length, e.keep, g.sample.sample_id)
 
 
-def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, store, advance):
-    """Run one sample's pending policies: sharers over one prefill, the rest one by one."""
+def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, store, fail, advance):
+    """Run one sample's pending policies: sharers over one prefill, the rest one by one.
+
+    A policy whose plugin raises is handed to ``fail`` (a failed row) and the others go on: when a
+    shared prefill fails, the policies it had not finished run one by one.
+    """
     from kvpress_lab.engine.api import run_segments
     from kvpress_lab.engine.shared import can_share_prefill, run_shared
 
     L = g.segments.context_length
     sharers = [e for e in pending if share and can_share_prefill(e.policy.compose(), L)]
-    if len(sharers) < 2:
-        sharers = []
     alone = [e for e in pending if e not in sharers]
-    if sharers:
+    if len(sharers) >= 2:
         advance(f"{g.task} {g.length} #{g.index}: shared prefill ({len(sharers)} policies)", 0)
         results = run_shared(
             lm,
@@ -439,19 +597,41 @@ def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, st
             query_agnostic=query_agnostic,
             max_new_tokens=max_new_tokens,
         )
-        for e, result in zip(sharers, results, strict=True):
-            store(g, e, result, True)
-            advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 1)
+        done = 0
+        while done < len(sharers):
+            try:
+                result = next(results)
+            except Exception as exc:
+                # which sharer failed is ambiguous (one forward pass, shared plugin classes):
+                # the rest run alone, where a failure belongs to exactly one policy
+                print(
+                    f"kvlab compare: the shared prefill of {g.task} {g.length} #{g.index} failed "
+                    f"({describe_exception(exc)}); its {len(sharers) - done} remaining "
+                    "policies run one by one",
+                    file=sys.stderr,
+                )
+                break
+            store(g, sharers[done], result, True)
+            advance(
+                f"{g.task} {g.length} #{g.index}: {sharers[done].spec} @ {sharers[done].keep}", 1
+            )
+            done += 1
+        sharers = sharers[done:]
+    alone = sharers + alone
     for e in alone:
         advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 0)
-        result = run_segments(
-            lm,
-            e.policy,
-            g.segments,
-            query_agnostic=query_agnostic,
-            max_new_tokens=max_new_tokens,
-        )
-        store(g, e, result, False)
+        try:
+            result = run_segments(
+                lm,
+                e.policy,
+                g.segments,
+                query_agnostic=query_agnostic,
+                max_new_tokens=max_new_tokens,
+            )
+        except Exception as exc:
+            fail(g, e, exc)
+        else:
+            store(g, e, result, False)
         advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 1)
 
 

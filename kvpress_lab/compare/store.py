@@ -1,9 +1,16 @@
 """The result directory of a comparison: rows (JSONL), shard files, metadata.
 
-Rows are appended and flushed one at a time, so an interrupted run leaves only complete rows
-behind. A rerun with the same directory reads every row already there (``results.jsonl`` and any
-``shards/*.jsonl``) and skips their keys. A sharded run writes ``shards/results-<i>-of-<n>.jsonl``;
-:func:`merge` folds shard files into ``results.jsonl`` (deduplicated by key, in a stable order).
+Rows are appended one at a time, each with a single ``write`` that is flushed and synced before
+the next row is computed, so a finished row is never lost. A kill can still leave the last line
+torn (a row cut short); :func:`append_row` cuts such a fragment off before appending, so the next
+row starts on its own line instead of being glued to the fragment (and dropped with it). A rerun
+with the same directory reads every complete row already there (``results.jsonl`` and any
+``shards/*.jsonl``) and skips their keys. A sharded run writes
+``shards/results-<i>-of-<n>.jsonl``; :func:`merge` folds shard files into ``results.jsonl``
+(deduplicated by key, in a stable order).
+
+A cell whose plugin failed is stored as a *failed row* (``"failed": true`` and the error); it is
+run again by the next resume, and a successful row for the same key replaces it.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ from kvpress_lab.errors import InputError
 __all__ = [
     "CHECKED_METADATA",
     "RESULTS",
+    "SWEEP_FLAGS",
     "append_row",
     "check_metadata",
+    "check_sweep",
+    "extend_sweep",
     "jsonable",
     "merge",
     "read_rows",
+    "repair_tail",
     "row_key",
     "shard_path",
     "write_json",
@@ -67,7 +78,11 @@ def _result_files(out: Path) -> list[Path]:
 
 
 def read_rows(out: Path) -> list[dict]:
-    """Every complete row in the directory (a torn last line from a crash is ignored)."""
+    """Every complete row in the directory (a torn last line from a crash is ignored).
+
+    Per key the first successful row wins; a failed row is kept only while no successful row for
+    its key exists (the latest failure, so a rerun that failed again shows its own error).
+    """
     rows: dict[str, dict] = {}
     for path in _result_files(out):
         with path.open(encoding="utf-8") as f:
@@ -79,18 +94,54 @@ def read_rows(out: Path) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill; its row runs again
-                if isinstance(row, dict) and "key" in row:
-                    rows.setdefault(row["key"], row)
+                if not isinstance(row, dict) or "key" not in row:
+                    continue
+                old = rows.get(row["key"])
+                if old is None or old.get("failed"):  # anything replaces a failure
+                    rows[row["key"]] = row
     return list(rows.values())
 
 
-def append_row(path: Path, row: dict) -> None:
-    """Append one row and flush it to disk before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line (no trailing newline) off ``path``; returns the bytes removed."""
+    try:
+        f = path.open("r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1  # 0 when the fragment is the only line
+        f.truncate(keep)
         f.flush()
         os.fsync(f.fileno())
+        return size - keep
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row as one line, flushed and synced to disk before returning.
+
+    A torn fragment left by an earlier kill is cut off first; the line is written with a single
+    ``os.write`` on an ``O_APPEND`` descriptor, so it is never interleaved or split by Python's
+    buffering.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_tail(path)
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # regular files write whole; loop for the odd short write
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -151,3 +202,60 @@ def check_metadata(out: Path, expected: dict) -> dict | None:
                 f"{field}={expected[field]!r}; use another --out directory (or the same {field})"
             )
     return old
+
+
+# the sweep definition a directory holds, and the flag that sets each part
+SWEEP_FLAGS = {
+    "policies": "--policies",
+    "tasks": "--tasks",
+    "lengths": "--lengths",
+    "keeps": "--keep",
+    "samples": "--samples",
+}
+
+
+def _canonical(field: str, value: Any) -> Any:
+    if field == "samples":
+        return value
+    items = [v.strip() if isinstance(v, str) else v for v in value]
+    if field == "policies":
+        items = [v for v in items if v != "full"]  # the full row is always there
+    return sorted(set(items), key=str)
+
+
+def _show(field: str, value: Any) -> str:
+    if field == "samples":
+        return str(value)
+    return ",".join(str(v) for v in _canonical(field, value)) or "(none)"
+
+
+def check_sweep(out: Path, old: dict | None, sweep: dict, extend: bool) -> None:
+    """One directory, one sweep: refuse a run whose policies, tasks, lengths, keep ratios or
+    sample count differ from the directory's, unless ``extend`` asks to add to it."""
+    if old is None or extend:
+        return
+    diffs = [
+        f"{flag} {_show(field, old[field])} there, {_show(field, sweep[field])} now"
+        for field, flag in SWEEP_FLAGS.items()
+        if field in old and _canonical(field, old[field]) != _canonical(field, sweep[field])
+    ]
+    if diffs:
+        raise InputError(
+            f"--out {out} holds another sweep ({'; '.join(diffs)}), and mixing them would put "
+            "rows of both into one summary; rerun with the same options to resume, add --extend "
+            "to add this run's cells to it (metadata.json then records both runs), or give "
+            "another --out"
+        )
+
+
+def extend_sweep(old: dict, sweep: dict) -> dict:
+    """The union of two sweep definitions (what an extended directory holds)."""
+    out: dict = {}
+    for field in SWEEP_FLAGS:
+        if field == "samples":
+            out[field] = max(old.get(field, 0), sweep[field])
+        else:
+            merged = list(old.get(field, []))
+            merged += [v for v in sweep[field] if v not in merged]
+            out[field] = merged
+    return out

@@ -16,7 +16,7 @@ import torch
 from kvpress_lab.errors import PluginError
 from kvpress_lab.interfaces import Allocation, StepLayout
 
-__all__ = ["check_allocation", "check_scores", "check_selection"]
+__all__ = ["check_allocation", "check_prompt_fits", "check_scores", "check_selection"]
 
 
 def _lead_ok(shape: tuple[int, ...], layout: StepLayout) -> bool:
@@ -185,3 +185,40 @@ def check_scores(
                 f"{_where(hit.any(-1).cpu())}); scores of candidates must be finite numbers"
             )
     return scores
+
+
+def check_prompt_fits(
+    limit: int | None,
+    model: str,
+    context_tokens: int,
+    question_tokens: int,
+    max_new_tokens: int,
+    fix: str | None = None,
+) -> None:
+    """Refuse a prompt longer than the model's positions, naming the part to shorten.
+
+    Needs only token counts and the config's limit, so it runs before the weights load. ``fix``
+    replaces the default advice (``kvlab compare`` names ``--lengths``, a JSONL file its line);
+    ``{room}`` in it becomes the most context tokens that fit.
+    """
+    from kvpress_lab.errors import ContextTooLongError
+
+    if limit is None:
+        return
+    rest = question_tokens + max_new_tokens
+    total = context_tokens + rest
+    if total <= limit:
+        return
+    if rest >= limit:
+        raise ContextTooLongError(
+            f"the question ({question_tokens} tokens) + answer ({max_new_tokens}) alone need "
+            f"{rest} of {model}'s {limit} positions, leaving none for the context; shorten the "
+            "question (or lower --max-new-tokens), or use a model with a longer context"
+        )
+    room = limit - rest
+    raise ContextTooLongError(
+        f"context ({context_tokens} tokens) + question ({question_tokens}) + answer "
+        f"({max_new_tokens}) = {total} tokens exceeds {model}'s maximum of {limit} positions; "
+        + (fix or "shorten the context to at most {room} tokens").replace("{room}", str(room))
+        + " or use a model with a longer context"
+    )

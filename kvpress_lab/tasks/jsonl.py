@@ -52,8 +52,10 @@ def _parse_line(path: Path, lineno: int, line: str) -> Sample:
             raise InputError(
                 f"{where}: field '{name}' must be a string, got {type(record[name]).__name__}"
             )
+    if not record["context"].strip():
+        raise InputError(f"{where}: field 'context' is empty; give the text the question is about")
     if not record["question"].strip():
-        raise InputError(f"{where}: field 'question' is empty")
+        raise InputError(f"{where}: field 'question' is empty; give the question to answer")
     answers = _string_list(where, "answers", record["answers"], allow_empty=False)
     labels = _string_list(where, "labels", record.get("labels", []), allow_empty=True)
     metric = record.get("metric", DEFAULT_METRIC)

@@ -98,7 +98,7 @@ def test_unreadable_model_path(capsys, tmp_path, ctx_file, kind):
         model, expect = str(tmp_path / "no" / "model"), "does not exist"
     elif kind == "empty_dir":
         (tmp_path / "m").mkdir()
-        model, expect = str(tmp_path / "m"), "cannot load model"
+        model, expect = str(tmp_path / "m"), "has no config.json, so it is not a saved transformers model (it is empty)"
     elif kind == "not_gguf":
         (tmp_path / "weights.bin").write_bytes(b"\0" * 10)
         model, expect = str(tmp_path / "weights.bin"), "not a .gguf file"
