@@ -74,6 +74,8 @@ NOISE = " ".join(NOISE_SENTENCES)
 DEPTHS: tuple[int, ...] = tuple(round(100 * i / 39) for i in range(40))
 """RULER's needle depths in the essays: 40 evenly spaced percentages, drawn without replacement."""
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+TOKENS_TO_GENERATE: dict[str, int] = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
+"""RULER's answer lengths per task family, recorded in each sample's ``meta``."""
 
 
 # -- needle in a haystack ----------------------------------------------------------------------
@@ -247,6 +249,7 @@ def _niah(name: str, *, target_tokens: int, seed: int, index: int, count_tokens:
         sample_id=sample_id(task, target_tokens, seed, index),
         meta={
             "context_tokens": fit.tokens,
+            "tokens_to_generate": TOKENS_TO_GENERATE["niah"],
             "haystack": spec.haystack,
             "needles": needles,
             "keys": [keys[i] for i in asked],
@@ -326,6 +329,7 @@ def _vt(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens,
         sample_id=sample_id(task, target_tokens, seed, index),
         meta={
             "context_tokens": fit.tokens,
+            "tokens_to_generate": TOKENS_TO_GENERATE["vt"],
             "statements": statements,
             "depths": depths,
             "value": value,
@@ -402,6 +406,7 @@ def _cwe(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens
         sample_id=sid,
         meta={
             "context_tokens": fit.tokens,
+            "tokens_to_generate": TOKENS_TO_GENERATE["cwe"],
             "common_repeats": freq,
             "rare_repeats": rare_freq,
             "rare_words": fit.units,
@@ -467,6 +472,7 @@ def _fwe(*, target_tokens: int, seed: int, index: int, count_tokens: CountTokens
         sample_id=sid,
         meta={
             "context_tokens": fit.tokens,
+            "tokens_to_generate": TOKENS_TO_GENERATE["fwe"],
             "vocab_size": size,
             "counts": dict(zip(ranked, counts, strict=True)),
             "filler_units": fit.units,
@@ -546,6 +552,7 @@ def _qa(name: str, *, target_tokens: int, seed: int, index: int, count_tokens: C
         sample_id=sample_id(task, target_tokens, seed, index),
         meta={
             "context_tokens": fit.tokens,
+            "tokens_to_generate": TOKENS_TO_GENERATE["qa"],
             "dataset": qa.name,
             "gold_documents": [qa.docs[i] for i in gold],
             "documents": len(ids) + len(gold),

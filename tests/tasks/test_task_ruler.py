@@ -78,6 +78,9 @@ def test_the_answers_are_in_the_context_and_score_one(task):
         assert score(s, " I do not know.") == 0.0
         assert score(s, "") == 0.0
         assert not s.answer_prefix.startswith(" ")
+        family = "niah" if "niah" in task else task.removeprefix("ruler:").split("_")[0]
+        expected = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}[family]
+        assert s.meta["tokens_to_generate"] == expected  # RULER's answer length
 
 
 def test_a_target_too_small_names_the_task_and_a_length_that_works():
