@@ -102,7 +102,13 @@ def _convert(policy: str, field: str, raw: str, tp: Any) -> Any:
 
 
 def describe_parameters(cls: type) -> list[tuple[str, str, Any]]:
-    """(name, type, default) for every hyperparameter of an attrs plugin class."""
+    """(name, type, default) for every hyperparameter of a plugin class.
+
+    attrs classes list their fields; any other class its constructor's keyword parameters, so a
+    plugin written without attrs is listed instead of breaking ``kvlab plugins``.
+    """
+    if not attrs.has(cls):
+        return _init_parameters(cls)
     hints = _field_types(cls)
     out = []
     for f in attrs.fields(cls):
@@ -112,6 +118,23 @@ def describe_parameters(cls: type) -> list[tuple[str, str, Any]]:
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()
         out.append((f.name, _type_name(hints.get(f.name, Any)), default))
+    return out
+
+
+def _init_parameters(cls: type) -> list[tuple[str, str, Any]]:
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # builtins and odd metaclasses have no signature
+        return []
+    out = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_"):
+            continue
+        tp = p.annotation if p.annotation is not p.empty else Any
+        default = p.default if p.default is not p.empty else None
+        out.append((p.name, tp if isinstance(tp, str) else _type_name(tp), default))
     return out
 
 
