@@ -93,7 +93,8 @@ class ModelAdapter:
     def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Queries before RoPE, [B, H_q, r, head_dim], normalised as the family does."""
         attn = self.attention(layer)
-        q = attn.q_proj(hidden).view(*hidden.shape[:2], -1, self.head_dim)
+        # .forward: no hooks, so recomputing queries never feeds an observer's input capture
+        q = attn.q_proj.forward(hidden).view(*hidden.shape[:2], -1, self.head_dim)
         q_norm = getattr(attn, "q_norm", None)
         if q_norm is not None:  # per-head norm (qwen3, gemma3)
             q = q_norm(q)

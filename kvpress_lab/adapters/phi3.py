@@ -26,5 +26,5 @@ class Phi3Adapter(ModelAdapter):
 
     def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         q_dim = self.n_heads * self.head_dim
-        q = self.attention(layer).qkv_proj(hidden)[..., :q_dim]
+        q = self.attention(layer).qkv_proj.forward(hidden)[..., :q_dim]  # no observer hooks
         return q.reshape(*hidden.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)

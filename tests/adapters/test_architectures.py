@@ -192,3 +192,17 @@ def test_flash_attention_refused_for_block_wise_positions_with_a_jump():
 
 def test_every_family_lists_its_model_types():
     assert set(ARCHS) <= set(supported_model_types())
+
+
+def test_shared_prefill_equals_independent_runs(lm):
+    """Several policies' observers on one forward pass: each sees the layer input as the model
+    computed it, whatever the others' scorers recompute inside their hooks."""
+    from kvpress_lab.engine.shared import run_shared
+
+    seg = _segments(4)
+    specs = ["snapkv:keep_ratio=0.3", "h2o:keep_ratio=0.3", "laserkv:keep_ratio=0.3", "full"]
+    shared = list(run_shared(lm, [load_policy(s) for s in specs], seg, max_new_tokens=3))
+    for spec, got in zip(specs, shared, strict=True):
+        alone = run_segments(lm, load_policy(spec), seg, max_new_tokens=3)
+        assert torch.equal(got.kept_indices, alone.kept_indices), spec
+        assert got.answer_token_ids == alone.answer_token_ids, spec
