@@ -311,10 +311,11 @@ def compare(
         from kvpress_lab.models import load_tokenizer, model_max_positions
 
         limit = model_max_positions(source)
-        for length in lengths:  # hopeless lengths fail before any sample is generated
-            check_prompt_fits(
-                limit, model_name, length, 0, max_new_tokens, fix=_LENGTHS_FIX
-            )  # fmt: skip
+        if any(not _is_task_file(t) for t in tasks):  # --lengths applies to generated tasks
+            for length in lengths:  # hopeless lengths fail before any sample is generated
+                check_prompt_fits(
+                    limit, model_name, length, 0, max_new_tokens, fix=_LENGTHS_FIX
+                )  # fmt: skip
         tokenizer = load_tokenizer(source)
     else:
         limit, tokenizer = lm.max_positions, lm.tokenizer
@@ -541,6 +542,10 @@ def _append_failures(path: Path, failed: list[dict]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def _is_task_file(task: str) -> bool:
+    return task.lower().endswith(".jsonl") or "/" in task or os.sep in task
+
+
 def _check_tasks(tasks: list[str], samples: int) -> None:
     """Unknown task names, missing files and malformed JSONL lines fail before the model loads."""
     from kvpress_lab.tasks import available_tasks
@@ -551,7 +556,7 @@ def _check_tasks(tasks: list[str], samples: int) -> None:
     for task in tasks:
         if task in available_tasks():
             continue
-        if task.lower().endswith(".jsonl") or "/" in task or os.sep in task:
+        if _is_task_file(task):
             if not Path(task).is_file():
                 raise InputError(f"task file {task} does not exist")
             read_jsonl(task, samples)  # every line is validated, not only the first ``samples``
