@@ -15,6 +15,11 @@ def _join(values) -> str:
     return ",".join(str(v) for v in values)
 
 
+def _lengths(values) -> str:
+    """``(1024, 4608)`` -> ``"1k,4.5k"`` (k = 1024 tokens, as --lengths reads it)."""
+    return ",".join(f"{v / 1024:g}k" if v % 512 == 0 else str(v) for v in values)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
@@ -42,8 +47,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--lengths",
-        default="1k,2k",
-        help="context lengths in model tokens, e.g. 500,1k,2k (k = 1024) (default: 1k,2k)",
+        default=_lengths(DEFAULTS["lengths"]),
+        help="context lengths in model tokens, e.g. 500,1k,2k (k = 1024) "
+        f"(default: {_lengths(DEFAULTS['lengths'])})",
     )
     p.add_argument(
         "--keep",
@@ -192,11 +198,22 @@ def run(args: argparse.Namespace) -> int:
             highlight=False,
         )
     else:
-        console.print((result.out / "summary.md").read_text(encoding="utf-8"), markup=False)
+        from kvpress_lab.compare.report import tighter_intervals_hint
+
+        # soft_wrap: table rows stay one line each when the output is redirected
+        summary_md = (result.out / "summary.md").read_text(encoding="utf-8")
+        console.print(summary_md, markup=False, soft_wrap=True)
         console.print(
             f"{result.ran} row(s) run, {len(result.rows)} in {result.out} (results.jsonl, "
             "summary.md, summary.csv, metadata.json, *.png)",
             highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            tighter_intervals_hint(result.summary, result.out),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
     if result.failed:
         raise PluginError(

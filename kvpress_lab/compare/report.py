@@ -218,8 +218,8 @@ def _keep(s: dict) -> str:
     return "1 (full)" if s["keep"] is None else _fmt(s["keep"], 3).rstrip("0").rstrip(".")
 
 
-def tighter_intervals_hint(summary: list[dict]) -> str:
-    """How many samples would halve the widest accuracy interval of this run."""
+def tighter_intervals_hint(summary: list[dict], out: Path | None = None) -> str:
+    """How many samples would halve the widest accuracy interval of this run, and how to run them."""
     widths = [
         (Interval(s["accuracy"], s["accuracy_low"], s["accuracy_high"], s["n"], "").half_width, s)
         for s in summary
@@ -229,11 +229,13 @@ def tighter_intervals_hint(summary: list[dict]) -> str:
         return "Intervals need at least two samples per cell: rerun with more --samples."
     width, s = max(widths, key=lambda w: w[0])
     n = s["n"]
+    where = f"--out {out} --extend" if out is not None else "the same --out and --extend"
     return (
         f"Tighter intervals: the widest 95% interval here is +/-{width:.2f} "
         f"({s['policy']}, {s['task']} {s['length']}, n={n}). Interval widths shrink like "
-        f"1/sqrt(n): --samples {4 * n} roughly halves them, --samples {16 * n} quarters them "
-        "(with the same --out and --extend, rows already computed are reused)."
+        f"1/sqrt(n): --samples {4 * n} roughly halves them, --samples {16 * n} quarters them; "
+        f"rerun the same command with --samples {4 * n} and {where} to reuse the rows already "
+        "computed."
     )
 
 
@@ -337,7 +339,7 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         lines.append(
             f"Fairness: every policy kept its target token count within {FAIRNESS_TOLERANCE:.0%}."
         )
-    lines += ["", tighter_intervals_hint(summary), ""]
+    lines += ["", tighter_intervals_hint(summary, out), ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     return summary
 
