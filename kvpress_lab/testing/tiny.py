@@ -166,10 +166,14 @@ def char_tokenizer():
     )
 
 
-def save_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **config) -> Path:
-    """Save a tiny random model and :func:`char_tokenizer` to ``path`` and return the path.
+def save_tiny_model(
+    path: str | os.PathLike, arch: str = "llama", seed: int = 0, tokenizer=None, **config
+) -> Path:
+    """Save a tiny random model and a tokenizer to ``path`` and return the path.
 
-    The directory loads like any Hugging Face model directory, so the CLI can use it::
+    The tokenizer is :func:`char_tokenizer` unless one is given (e.g. a real model's, so that
+    token counts match that model's; the vocabulary size follows it). The directory loads like
+    any Hugging Face model directory, so the CLI can use it::
 
         kvlab run --model PATH --context-file doc.txt --question "..."
     """
@@ -178,7 +182,13 @@ def save_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
     hf_logging.disable_progress_bar()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    tok = char_tokenizer() if tokenizer is None else tokenizer
+    if tokenizer is not None:
+        config.setdefault("vocab_size", len(tok))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tok, name, None)
+            config.setdefault(name, value if value is not None else 0)
     model = _random_model(arch, seed, None, **config)
     model.save_pretrained(out)
-    char_tokenizer().save_pretrained(out)
+    tok.save_pretrained(out)
     return out
