@@ -18,9 +18,9 @@ import torch
 
 from kvpress_lab.adapters import ModelAdapter, adapter_for
 from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices
-from kvpress_lab.engine.checks import check_allocation, check_selection
+from kvpress_lab.engine.checks import check_allocation, check_scores, check_selection
 from kvpress_lab.engine.observe import Observer
-from kvpress_lab.errors import ConfigError, ContextTooLongError, PluginError
+from kvpress_lab.errors import ConfigError, ContextTooLongError
 from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout, take_slots
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.ops.rope import rerotate_keys
@@ -73,12 +73,7 @@ class _Scores(ScoreSource):
             candidates,
             lambda i: self._adapter.layer_kv(self._cache, i)[0],
         )
-        if out.dim() != 3 or out.shape[-1] != self._layout.n_slots:
-            raise PluginError(
-                f"scorer {scorer.name!r} returned shape {tuple(out.shape)}; expected "
-                f"[layers|1, kv_heads|1, {self._layout.n_slots}]"
-            )
-        return out
+        return check_scores(out, candidates, self._layout, scorer.name)
 
 
 def check_fits(lm: LoadedModel, segments: PromptSegments, max_new_tokens: int) -> None:

@@ -233,6 +233,18 @@ def test_scorer_with_wrong_shape_is_named(lm, segments):
         prefill_and_compress(lm, comp, segments)
 
 
+@pytest.mark.parametrize(("value", "label"), [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_non_finite_scores_are_refused_through_the_engine(lm, segments, value, label):
+    def poisoned(layout):
+        scores = layout.context_index.float().clone()
+        scores[..., 5] = value  # a candidate slot (slots 0..3 are the protected sinks)
+        return scores
+
+    comp = _compose(scorer=FixedScorer(poisoned))
+    with pytest.raises(PluginError, match=rf"^scorer 'test_fixed_scorer' returned {label}"):
+        prefill_and_compress(lm, comp, segments)
+
+
 def test_raising_scorer_is_attributed_with_its_distribution(lm, segments):
     comp = _compose(scorer=RaisingScorer())
     with pytest.raises(RuntimeError) as info:
