@@ -65,6 +65,12 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="HF id, directory or .gguf (default: SmolLM2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if any)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: by device)")
+    p.add_argument(
+        "--attn",
+        default=None,
+        metavar="IMPL",
+        help="attention implementation: sdpa (the default where the architecture supports it), eager, or flash_attention_2 (opt-in, needs flash-attn; refused for block-wise policies at original positions)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sample seed (default: 0)")
     p.add_argument(
         "--query-agnostic",
@@ -138,6 +144,7 @@ def _arguments(args: argparse.Namespace) -> str:
         ("--model", args.model),
         ("--device", args.device),
         ("--dtype", args.dtype),
+        ("--attn", args.attn),
         ("--seed", args.seed),
         ("--out", args.out),
         ("--max-new-tokens", args.max_new_tokens),
@@ -178,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        attn=args.attn,
         seed=args.seed,
         query_agnostic=args.query_agnostic,
         out=args.out,

@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: by device)")
     p.add_argument(
+        "--attn",
+        default=None,
+        metavar="IMPL",
+        help="attention implementation: sdpa (the default where the architecture supports it), eager, or flash_attention_2 (opt-in, needs flash-attn; refused for block-wise policies at original positions)",
+    )
+    p.add_argument(
         "--query-agnostic",
         action="store_true",
         help="compress the context without seeing the question",
@@ -96,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
     )
     with _plugin_failures(policy):
         policy.compose().budgeter.validate(segments.context_length)
-    lm = load_model(source, device=args.device, dtype=args.dtype, tokenizer=tokenizer)
+    lm = load_model(
+        source,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        tokenizer=tokenizer,
+    )
     with _plugin_failures(policy):
         result = run_segments(
             lm,

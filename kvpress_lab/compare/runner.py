@@ -219,6 +219,7 @@ def compare(
     model: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    attn: str | None = None,
     seed: int = DEFAULTS["seed"],
     query_agnostic: bool = False,
     out: str | os.PathLike | None = None,
@@ -344,7 +345,9 @@ def compare(
 
         if device is None and state is not None:
             device = str(state.device)
-        lm = load_model(source, device=device, dtype=dtype, tokenizer=tokenizer)
+        lm = load_model(
+            source, device=device, dtype=dtype, attn_implementation=attn, tokenizer=tokenizer
+        )
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory
 
     invocation = {
@@ -377,10 +380,13 @@ def compare(
         resolved = [
             p for p in old_meta.get("resolved_policies", []) if (p["spec"], p["keep_ratio"]) not in seen
         ] + resolved  # fmt: skip
+    from kvpress_lab.adapters import adapter_for
+
     meta = {
         **expected,
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "attn_implementation": adapter_for(lm.model).attn_implementation(),
         "command": invocation["command"],
         "arguments": arguments,
         **definition,
