@@ -1,0 +1,117 @@
+"""Differential tests of the native scorer policies (knorm, tova, keydiff) against NVIDIA kvpress
+0.5.5 on the default model, under the query-agnostic protocol.
+
+kvpress returns the kept keys in top-k order without their positions; they are recovered per
+layer and KV head by matching every kept key row against the keys of the same forward pass before
+the press compacts them (as in test_kvpress_differential.py), and compared as sets with the
+context positions our engine keeps.
+"""
+
+from __future__ import annotations
+
+import kvpress  # the [kvpress] extra, installed in the lowest-version CI environment
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_lab.engine.runner import prefill_and_compress
+from kvpress_lab.prompt import PromptSegments
+from kvpress_lab.spec import load_policy
+
+pytestmark = [pytest.mark.slow, pytest.mark.kvpress]
+
+L = 1000
+KEEP_RATIO = 0.25
+
+
+@pytest.fixture(scope="module")
+def context_ids(default_lm) -> torch.Tensor:
+    words = (
+        "river stone lamp orange window seven quiet market letter garden silver engine morning "
+        "paper winter circle forest yellow bridge number music doctor island pocket summer table"
+    ).split()
+    gen = torch.Generator().manual_seed(1234)
+    text = " ".join(words[int(i)] for i in torch.randint(len(words), (2 * L,), generator=gen))
+    ids = default_lm.tokenizer(text, add_special_tokens=False)["input_ids"][:L]
+    assert len(ids) == L
+    return torch.tensor(ids)
+
+
+@torch.no_grad()
+def _kvpress_positions(model, ids: torch.Tensor, press) -> torch.Tensor:
+    """Positions kvpress keeps under ``press``: [Ly, H, k], sorted, by exact key-row matching."""
+    full: list[torch.Tensor] = []
+    cache = DynamicCache(config=model.config)
+
+    def grab(module, args, kwargs, output):
+        full.append(kwargs["past_key_values"].layers[module.layer_idx].keys[0].clone())
+
+    handles = [
+        layer.self_attn.register_forward_hook(grab, with_kwargs=True)
+        for layer in model.model.layers
+    ]
+    try:
+        with press(model):
+            model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for k_full, layer in zip(full, cache.layers, strict=True):
+        assert k_full.shape[1] == ids.numel()
+        per_head = []
+        for h in range(k_full.shape[0]):
+            dist = torch.cdist(
+                layer.keys[0, h].double(),
+                k_full[h].double(),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )
+            best = dist.min(dim=-1)
+            assert float(best.values.max()) == 0.0, "a kvpress key matches no uncompressed key"
+            positions = best.indices.sort().values
+            assert bool((positions.diff() > 0).all()), "two kvpress keys matched one position"
+            per_head.append(positions)
+        out.append(torch.stack(per_head))
+    return torch.stack(out)
+
+
+def _ours(lm, spec: str, ids: torch.Tensor) -> torch.Tensor:
+    segments = PromptSegments(context_ids=ids, question_ids=torch.empty(0, dtype=torch.long))
+    state = prefill_and_compress(lm, load_policy(spec), segments, query_agnostic=True)
+    return state.context_index
+
+
+def _assert_same_sets(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape
+    assert ours.shape[-1] == int(L * KEEP_RATIO) == 250
+    mismatched = [
+        (layer, head)
+        for layer in range(ours.shape[0])
+        for head in range(ours.shape[1])
+        if not torch.equal(ours[layer, head], theirs[layer, head])
+    ]
+    assert not mismatched, f"kept sets differ in (layer, head) {mismatched[:10]}"
+
+
+def test_knorm_matches_kvpress(default_lm, context_ids):
+    press = kvpress.KnormPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(default_lm.model, context_ids, press)
+    ours = _ours(default_lm, f"knorm:keep_ratio={KEEP_RATIO}", context_ids)
+    _assert_same_sets(ours, theirs)
+    assert not bool((ours == ours[:, :1]).all()), "knorm selects per KV head"
+
+
+def test_tova_matches_kvpress(default_lm, context_ids):
+    press = kvpress.TOVAPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(default_lm.model, context_ids, press)
+    ours = _ours(default_lm, f"tova:keep_ratio={KEEP_RATIO}", context_ids)
+    _assert_same_sets(ours, theirs)
+    assert bool((ours == ours[:, :1]).all()), "tova keeps one index set per layer"
+    assert bool((ours[..., -1] == L - 1).all()), "the observing last token is always kept"
+
+
+def test_keydiff_matches_kvpress(default_lm, context_ids):
+    press = kvpress.KeyDiffPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(default_lm.model, context_ids, press)
+    ours = _ours(default_lm, f"keydiff:keep_ratio={KEEP_RATIO}", context_ids)
+    _assert_same_sets(ours, theirs)
