@@ -1,7 +1,7 @@
 """KeyDiff: keep the keys least similar to the layer's mean key direction.
 
-Park, Jones, Morse, Goel, Lee, Morris, Lee and Kang, "KeyDiff: Key Similarity-Based KV Cache
-Eviction for Long-Context LLM Inference in Resource-Constrained Environments", 2025
+Park et al., "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in
+Resource-Constrained Environments", 2025
 (arXiv:2504.15364). Keys that point away from the average key direction are the distinctive ones
 and are kept. Per layer and KV head, the anchor is the mean of the L2-normalised context keys,
 ``a = mean_j k_j / ||k_j||``, and slot ``j`` scores ``-cos(k_j, a)``; each KV head keeps its own

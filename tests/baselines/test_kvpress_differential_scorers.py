@@ -115,3 +115,11 @@ def test_keydiff_matches_kvpress(default_lm, context_ids):
     theirs = _kvpress_positions(default_lm.model, context_ids, press)
     ours = _ours(default_lm, f"keydiff:keep_ratio={KEEP_RATIO}", context_ids)
     _assert_same_sets(ours, theirs)
+
+
+def test_expected_attention_matches_kvpress_without_vnorm(default_lm, context_ids):
+    press = kvpress.ExpectedAttentionPress(compression_ratio=1 - KEEP_RATIO, use_vnorm=False)
+    theirs = _kvpress_positions(default_lm.model, context_ids, press)
+    ours = _ours(default_lm, f"expected_attention:keep_ratio={KEEP_RATIO}", context_ids)
+    _assert_same_sets(ours, theirs)
+    assert bool((ours[..., :4] == torch.arange(4)).all()), "the 4 sinks are always kept"

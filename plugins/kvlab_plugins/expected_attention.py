@@ -1,0 +1,186 @@
+"""Expected Attention: score keys by the attention future queries are expected to pay them.
+
+Devoto, Jeblick, Jégou, "Expected Attention: KV Cache Compression by Estimating Attention from
+Future Queries Distribution", 2025 (arXiv:2510.00636; NVIDIA kvpress ``ExpectedAttentionPress``).
+Future queries are modelled as a Gaussian fitted to the prompt's queries before RoPE (mean ``mu``
+and covariance ``S`` over the context rows after the first ``n_sink``), moved by the RoPE
+rotation averaged over the next ``n_future_positions`` positions (``R = mean_t R_t``:
+``mu <- R mu``, ``S <- R S R^T``). For a Gaussian query the expected logit of key ``k`` is
+``s mu.k + s^2 k^T S k / 2`` (``s`` the attention scaling; the covariance term only with
+``use_covariance``); its softmax over the context keys after the sinks, averaged over the query
+heads that share a KV head, is each slot's score. The first ``n_sink`` context tokens are always
+kept (the ``sink_window`` budgeter protects them); each KV head keeps its own best-scored others.
+One-shot after prefill, original positions.
+
+kvpress equivalence: ``expected_attention:keep_ratio=r`` keeps, per layer and KV head, exactly the
+positions ``ExpectedAttentionPress(compression_ratio=1 - r, use_vnorm=False)`` keeps under the
+query-agnostic protocol (a differential test checks this on the default model). Deliberate
+differences:
+
+- **No value-norm rescaling.** kvpress's default ``use_vnorm=True`` multiplies each score by
+  ``||v||``; scorers here see keys but not values, so that option needs the engine to expose the
+  values to scorers and is not offered yet.
+- **Question-aware protocol.** The query statistics come from the context rows only, the softmax
+  runs over context slots only, and the future positions start right after the context; kvpress
+  never sees a question during compression, so under the query-agnostic protocol this is its
+  behaviour.
+- ``s`` is the model's own attention scaling (kvpress assumes ``1/sqrt(head_dim)``, the same for
+  every model the differential test uses).
+
+Pre-RoPE queries are the queries at position 0 (RoPE is the identity there); the averaged rotation
+is built from the adapter's cos/sin for the future positions, partial rotary included, assuming
+the ``rotate_half`` pairing every shipped adapter uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvlab_plugins.sink_window import SinkWindowBudgeter
+from kvlab_plugins.topk import TopKSelector
+from kvpress_lab.errors import ConfigError
+from kvpress_lab.hookspecs import hookimpl
+from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+from kvpress_lab.policy import Composition, Policy, positive_int
+
+
+def _non_negative(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 0")
+
+
+def averaged_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``mean_t R_t`` [head_dim, head_dim] from cos/sin [T, rotary_dim] (rotate_half pairing).
+
+    ``R_t x`` is RoPE at position ``t`` applied to ``x``; channels past ``rotary_dim`` stay put.
+    """
+    rd = cos.shape[-1]
+    half = rd // 2
+    eye = torch.eye(rd, device=cos.device, dtype=cos.dtype)
+    p = torch.zeros(rd, rd, device=cos.device, dtype=cos.dtype)
+    p[half:, :half], p[:half, half:] = torch.eye(half), -torch.eye(half)
+    rot = (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * p).mean(dim=0)
+    if rd == head_dim:
+        return rot
+    out = torch.eye(head_dim, device=cos.device, dtype=cos.dtype)
+    out[:rd, :rd] = rot
+    return out
+
+
+def expected_attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    rotation: torch.Tensor,
+    scaling: float,
+    use_covariance: bool,
+) -> torch.Tensor:
+    """Expected attention of the keys under the queries' Gaussian, per KV head.
+
+    Args:
+        queries: [B, H_q, s, D] pre-RoPE queries of the rows that give the statistics.
+        keys: [B, H, n, D] the keys to score (RoPE applied, sinks and question left out).
+        rotation: [D, D] the averaged RoPE rotation of the future positions.
+    Returns:
+        [H, n] float32: softmax over the ``n`` keys of each query head, mean over its group.
+    """
+    b, hq, _, d = queries.shape
+    h, n = keys.shape[1], keys.shape[2]
+    g = hq // h
+    mu = queries.mean(dim=2, keepdim=True)
+    cov = None
+    if use_covariance:
+        centered = queries - mu
+        cov = torch.einsum("bnsi,bnsj->bnij", centered, centered) / queries.shape[2]
+    mu = torch.matmul(mu.squeeze(2), rotation.T)
+    k = keys[:, :, None].expand(b, h, g, n, d).reshape(b, hq, n, d).transpose(2, 3)
+    logits = torch.matmul(mu.unsqueeze(2), k).squeeze(2) * scaling
+    if cov is not None:
+        cov = torch.matmul(rotation, torch.matmul(cov, rotation.T))
+        logits += torch.einsum("bhin, bhij, bhjn->bhn", k, cov, k) * scaling * scaling / 2
+    probs = torch.softmax(logits, dim=-1)
+    return probs.view(b, h, g, n).mean(dim=2).sum(dim=0).float()
+
+
+@attrs.define(kw_only=True)
+class ExpectedAttentionScorer(Scorer):
+    """Expected attention of future queries on every context slot after the sinks: [Ly, H, N]."""
+
+    name: ClassVar[str] = "expected_attention"
+    n_future_positions: int = attrs.field(default=512, validator=positive_int)
+    n_sink: int = attrs.field(default=4, validator=_non_negative)
+    use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        n_slots = obs.keys.shape[2]
+        out = torch.zeros(obs.keys.shape[1], n_slots, dtype=torch.float32, device=obs.keys.device)
+        ctx_end = obs.question_rows.start if obs.question_rows is not None else obs.n_rows
+        first = self.n_sink if obs.n_past == 0 else 0  # sinks are the first context rows
+        if ctx_end - first < 1:
+            return out
+        rows = slice(first, ctx_end)
+        # RoPE at position 0 is the identity: these are the queries before RoPE
+        at_zero = attrs.evolve(obs, positions=torch.zeros_like(obs.positions))
+        queries = at_zero.queries(rows).float()
+        start = int(obs.positions[ctx_end - 1]) + 1
+        future = torch.arange(start, start + self.n_future_positions)
+        cos, sin = obs.adapter.rotary(obs.layer_idx, future, queries)
+        rotation = averaged_rotation(cos[0].float(), sin[0].float(), queries.shape[-1])
+        slot0 = self.n_sink if obs.n_past == 0 else 0
+        slot1 = obs.n_past + ctx_end
+        keys = obs.keys[:, :, slot0:slot1].float()
+        out[:, slot0:slot1] = expected_attention_scores(
+            queries,
+            keys,
+            rotation.to(queries.device),
+            obs.adapter.scaling(obs.layer_idx),
+            self.use_covariance,
+        )
+        return out
+
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        return torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+
+
+@attrs.define(kw_only=True)
+class ExpectedAttentionPolicy(Policy):
+    """Expected Attention (kvpress defaults, without value-norm rescaling), one-shot, per KV head."""
+
+    name: ClassVar[str] = "expected_attention"
+    n_future_positions: int = attrs.field(default=512, validator=positive_int)
+    n_sink: int = attrs.field(default=4, validator=_non_negative)
+    use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def compose(self) -> Composition:
+        return Composition(
+            budgeter=SinkWindowBudgeter(
+                keep_ratio=self.keep_ratio, budget=self.budget, sinks=self.n_sink
+            ),
+            scorers={
+                "main": ExpectedAttentionScorer(
+                    n_future_positions=self.n_future_positions,
+                    n_sink=self.n_sink,
+                    use_covariance=self.use_covariance,
+                )
+            },
+            selector=TopKSelector(scorer="main", granularity="head"),
+        )
+
+
+@hookimpl
+def kvlab_scorers() -> list[type]:
+    return [ExpectedAttentionScorer]
+
+
+@hookimpl
+def kvlab_policies() -> list[type]:
+    return [ExpectedAttentionPolicy]
