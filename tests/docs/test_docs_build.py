@@ -40,6 +40,7 @@ def test_pages_built(site):
         "baselines/knorm/index.html",
         "baselines/tova/index.html",
         "baselines/keydiff/index.html",
+        "baselines/expected_attention/index.html",
         "tutorials/write-a-plugin/index.html",
         "tutorials/compare-your-data/index.html",
         "benchmarks/index.html",
