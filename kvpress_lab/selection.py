@@ -44,4 +44,4 @@ def topk_candidates(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> t
         return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device)
     masked = scores.masked_fill(~cand.to(scores.device), float("-inf"))
     idx = masked.topk(k, dim=-1).indices
-    return idx.sort(dim=-1).values.cpu()
+    return idx.sort(dim=-1).values  # on the scores' device: no host transfer

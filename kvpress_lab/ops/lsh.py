@@ -26,6 +26,7 @@ __all__ = [
     "LSH_MODES",
     "bucket_codes",
     "collision_counts",
+    "lsh_rank",
     "lsh_rank_scores",
     "magicpig_collision_prob",
     "magicpig_scores",
@@ -167,6 +168,25 @@ def lsh_rank_scores(
 ) -> Tensor:
     """Distinct float32 scores ``[N]`` (``N - rank``, rank 0 best) giving the spec's LSH order.
 
+    The first output of :func:`lsh_rank`, which documents the order and the arguments.
+    """
+    return lsh_rank(mode, cand_vecs, query_vecs, cand_positions, projection, n_bits, n_tables)[0]
+
+
+def lsh_rank(
+    mode: str,
+    cand_vecs: Tensor,
+    query_vecs: Tensor,
+    cand_positions: Tensor,
+    projection: Tensor,
+    n_bits: int,
+    n_tables: int,
+) -> tuple[Tensor, Tensor]:
+    """Rank scores and collision counts: (float32 ``[N]``, long ``[N]``), each vector hashed once.
+
+    The scores are distinct, ``N - rank`` with rank 0 best, giving the spec's LSH order; the
+    counts are the tables (0..T) in which each candidate collides with a query vector.
+
     Both vector sets are centred by the candidates' mean, then hashed with ``projection``.
 
     - ``"frequency_rank"``: collision count descending, L2 distance to the mean centred query
@@ -199,7 +219,8 @@ def lsh_rank_scores(
         raise ValueError("query_vecs is empty: LSH scoring needs at least one query vector")
     device = cand_vecs.device
     if n == 0:
-        return torch.zeros(0, dtype=torch.float32, device=device)
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return empty, torch.zeros(0, dtype=torch.long, device=device)
 
     cand = cand_vecs.to(torch.float32)
     query = query_vecs.to(device=device, dtype=torch.float32)
@@ -224,4 +245,4 @@ def lsh_rank_scores(
 
     rank = torch.empty(n, dtype=torch.long, device=device)
     rank[order] = index
-    return (n - rank).to(torch.float32)
+    return (n - rank).to(torch.float32), counts

@@ -63,7 +63,7 @@ class FinchScorer(Scorer):
     def observe(self, obs: LayerObservation) -> torch.Tensor:
         rows = obs.observation_rows()  # the question (query-agnostic: trailing window)
         attn = obs.attention(rows)
-        positions = obs.n_past + torch.arange(rows.start, rows.stop)
+        positions = obs.n_past + torch.arange(rows.start, rows.stop, device=attn.device)
         return finch_layer_scores(attn, positions)[None]  # [1, N]
 
     def score(
@@ -73,7 +73,7 @@ class FinchScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        return torch.stack([o.cpu() for o in observed])  # [Ly, 1, N]
+        return torch.stack(list(observed))  # [Ly, 1, N], on the model's device
 
 
 def finch_keep_after(target: int, block_end: int, context_length: int) -> int:

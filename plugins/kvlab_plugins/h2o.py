@@ -70,13 +70,15 @@ def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
     the others.
     """
     h, n = scores.shape
+    device = scores.device
     if n <= budget:
-        return torch.arange(n).expand(h, n)
+        return torch.arange(n, device=device).expand(h, n)
     recent = min(recent, budget)
     heavy = budget - recent
     older = scores[:, : n - recent]
     top = older.topk(heavy, dim=-1).indices if heavy else older.new_empty(h, 0, dtype=torch.long)
-    keep = torch.cat([top.cpu(), torch.arange(n - recent, n).expand(h, recent)], dim=-1)
+    window = torch.arange(n - recent, n, device=device).expand(h, recent)
+    keep = torch.cat([top, window], dim=-1)
     return keep.sort(dim=-1).values
 
 
@@ -101,20 +103,23 @@ class H2OScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        scores = torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+        scores = torch.stack(list(observed))  # [Ly, H, N], on the model's device
         self.last = (layout.context_index, scores)
         return scores
 
     def kept_scores(self, context_index: torch.Tensor) -> torch.Tensor:
-        """Prefill scores of the kept slots ``context_index`` [Ly, H, k] (zeros if unscored)."""
+        """Prefill scores of the kept slots ``context_index`` [Ly, H, k] (zeros if unscored).
+
+        Runs once per answer, before decoding; the scores stay on their device.
+        """
         if self.last is None:
             return torch.zeros(context_index.shape, dtype=torch.float32)
         step_index, scores = self.last
         length = int(max(int(step_index.max()), int(context_index.max()))) + 1
-        table = torch.zeros(*scores.shape[:2], length + 1, dtype=scores.dtype)
+        table = torch.zeros(*scores.shape[:2], length + 1, dtype=scores.dtype, device=scores.device)
         slot = torch.where(step_index >= 0, step_index, torch.full_like(step_index, length))
-        table.scatter_(-1, slot.expand_as(scores), scores)
-        return table.gather(-1, context_index)
+        table.scatter_(-1, slot.to(scores.device).expand_as(scores), scores)
+        return table.gather(-1, context_index.to(scores.device))
 
 
 @attrs.define(kw_only=True)

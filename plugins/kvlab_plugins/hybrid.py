@@ -64,27 +64,39 @@ class HybridSelector(Selector):
         cand = cand[:1, :1]
         n = cand.shape[-1]
         primary = math.floor(self.alpha * k + 1e-9)
+        # masks and indices live on the scores' device (the model's): no host transfer
         taken = torch.zeros(1, 1, n, dtype=torch.bool)
+        parts: list[torch.Tensor] = []
+
+        def take(idx: torch.Tensor) -> None:
+            nonlocal taken, cand
+            taken, cand = taken.to(idx.device), cand.to(idx.device)
+            taken[0, 0, idx[0, 0]] = True
+            parts.append(idx[0, 0])
+
         exact_scores = None
         if primary > 0:
             exact_scores = reduce_scores(source.scores(self.exact, cand), "global")
-            taken[0, 0, topk_candidates(exact_scores, cand, primary)[0, 0]] = True
+            take(topk_candidates(exact_scores, cand, primary))
         rest = k - primary
         if rest > 0:
-            remaining = cand & ~taken
+            remaining = cand & ~taken.to(cand.device)
             lsh = reduce_scores(source.scores(self.lsh, remaining), "global")
             share = rest
             if self.redistribute:
-                merit = remaining & (lsh > 0).cpu()
-                share = min(rest, int(merit.sum()))
+                merit = remaining.to(lsh.device) & (lsh > 0)
+                share = min(rest, int(merit.sum()))  # one host read per step
             if share > 0:
-                taken[0, 0, topk_candidates(lsh, remaining, share)[0, 0]] = True
+                take(topk_candidates(lsh, remaining, share))
             if share < rest:  # redistribute: exact's next best fill the LSH shortfall
                 if exact_scores is None:
                     exact_scores = reduce_scores(source.scores(self.exact, cand), "global")
-                left = cand & ~taken
-                taken[0, 0, topk_candidates(exact_scores, left, rest - share)[0, 0]] = True
-        return torch.nonzero(taken[0, 0]).view(1, 1, -1)
+                left = cand.to(taken.device) & ~taken
+                take(topk_candidates(exact_scores, left, rest - share))
+        if not parts:
+            return torch.empty(1, 1, 0, dtype=torch.long)
+        # the parts are disjoint: their sorted union is the kept set, without a nonzero() sync
+        return torch.cat(parts).sort().values.view(1, 1, -1)
 
 
 @hookimpl

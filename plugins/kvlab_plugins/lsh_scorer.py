@@ -37,14 +37,7 @@ import torch
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
-from kvpress_lab.ops.lsh import (
-    LSH_MODES,
-    bucket_codes,
-    collision_counts,
-    lsh_rank_scores,
-    sign_bits,
-    simhash_projection,
-)
+from kvpress_lab.ops.lsh import LSH_MODES, lsh_rank, simhash_projection
 
 __all__ = ["LSHScorer", "check_bits", "check_tables"]
 
@@ -106,36 +99,30 @@ class LSHScorer(Scorer):
             )
         keys = cache_keys(n_layers - 1)[0].float().mean(dim=0)  # [N, D] post-RoPE, KV-head mean
         device = keys.device
-        cand = candidates.to(torch.bool)
+        cand = candidates.to(device=device, dtype=torch.bool)
+        # one host read each, once per step: the check and the candidates' count (nonzero)
         if not bool((cand == cand[:1, :1]).all()):
             raise ConfigError("lsh scorer needs the same candidates in every layer and KV head")
         cand_slots = torch.nonzero(cand[0, 0]).flatten()
         out = torch.full((1, 1, layout.n_slots), float("-inf"), device=device)
         if cand_slots.numel() == 0:
             return out
-        cand_slots_dev = cand_slots.to(device)
-        cand_vecs = keys.index_select(0, cand_slots_dev)
+        cand_vecs = keys.index_select(0, cand_slots)
         query = query.to(device)
         if self.vectors == "query":
             # lsh_rank_scores centres both sides by the candidates' mean; pre-adding it leaves
             # the queries uncentred (MagicPIG centres keys only)
             query = query + cand_vecs.mean(dim=0)
-        positions = layout.context_index[0, 0].index_select(0, cand_slots)
+        positions = layout.context_index[0, 0].to(device).index_select(0, cand_slots)
         proj = self.projection(keys.shape[-1], device)
-        rank = lsh_rank_scores(
+        # every vector is hashed once: the ranking also returns the collision counts
+        rank, counts = lsh_rank(
             self.mode, cand_vecs, query, positions, proj, self.n_bits, self.n_tables
         )
-        matched = self._matched(cand_vecs, query, proj)
-        out[0, 0, cand_slots_dev] = torch.where(matched, rank, rank - (cand_slots.numel() + 1))
+        # candidates the hash ranks on merit rather than by the fill order
+        matched = counts >= (2 if self.mode == "magicpig" else 1)
+        out[0, 0, cand_slots] = torch.where(matched, rank, rank - (cand_slots.numel() + 1))
         return out
-
-    def _matched(self, cand_vecs: torch.Tensor, query: torch.Tensor, proj: torch.Tensor):
-        """Candidates the hash ranks on merit rather than by the fill order."""
-        mean = cand_vecs.mean(dim=0)
-        codes_c = bucket_codes(sign_bits(cand_vecs - mean, proj), self.n_bits, self.n_tables)
-        codes_q = bucket_codes(sign_bits(query - mean, proj), self.n_bits, self.n_tables)
-        counts = collision_counts(codes_c, codes_q)
-        return counts >= (2 if self.mode == "magicpig" else 1)
 
 
 @hookimpl

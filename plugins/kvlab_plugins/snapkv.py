@@ -93,7 +93,7 @@ class SnapKVScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        return torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+        return torch.stack(list(observed))  # [Ly, H, N], on the model's device
 
 
 @attrs.define(kw_only=True)
