@@ -5,6 +5,12 @@ scores are checked for type, dtype, shape, range, duplicates and the equal per-r
 cache needs. A bad value raises :class:`~kvpress_lab.errors.PluginError` naming the plugin that
 produced it, never a torch traceback from deep inside the engine and never a silently smaller
 cache (a duplicate index would keep one slot twice, so fewer tokens than the budget).
+
+Host reads: validation has to look at values, so it reads the host, but a constant number of
+times per compression step whatever the number of layers and heads (tests/core/test_hot_path.py
+counts them): the allocation's masks are built on the host from the step's layout, a selector's
+indices come to the host once (one copy per step) and are checked there, and scores are checked
+on their device with one scalar read per scorer call. Nothing here runs per layer or per token.
 """
 
 from __future__ import annotations
@@ -177,6 +183,8 @@ def check_scores(
     lead = torch.broadcast_shapes(scores.shape[:2], candidates.shape[:2])
     cand = candidates.to(torch.bool).to(scores.device).expand(*lead, layout.n_slots)
     values = scores.expand(*lead, layout.n_slots)
+    if not bool((~values.isfinite() & cand).any()):  # the one host read of a healthy step
+        return scores
     for bad, label in ((values.isnan(), "NaN"), (values.isinf(), "inf")):
         hit = bad & cand
         if bool(hit.any()):

@@ -44,8 +44,23 @@ class Observer:
         self.observed: dict[str, list[torch.Tensor | None]] = {
             name: [None] * adapter.n_layers for name, _ in scorers
         }
-        self.seconds = 0.0  # time spent in scorers, reported as compression time
+        self._host_seconds = 0.0  # time spent in scorers, measured on the host
+        # on CUDA, (start, end) events around every layer's scorers: recording an event does not
+        # wait for the GPU, so the forward pass is never synchronised layer by layer
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._hidden: list[torch.Tensor | None] = [None] * adapter.n_layers
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in scorers during the pass, reported as compression time.
+
+        On CUDA the per-layer events are read here, after the engine's one synchronisation at
+        the end of the phase (reading them waits for the last one, never for a layer mid-pass).
+        """
+        if not self._events:
+            return self._host_seconds
+        self._events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[Observer]:
@@ -73,8 +88,16 @@ class Observer:
 
     def _observe(self, layer_idx: int):
         def hook(module, args, output):
-            start = time.perf_counter()
             hidden = self._hidden[layer_idx]
+            cuda = hidden.device.type == "cuda"
+            if cuda:
+                events = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                events[0].record()
+            else:
+                start = time.perf_counter()
             self._hidden[layer_idx] = None
             keys, _ = self.adapter.layer_kv(self.cache, layer_idx)
             obs = LayerObservation(
@@ -92,8 +115,10 @@ class Observer:
             with torch.no_grad():
                 for name, scorer in self.scorers:
                     self.observed[name][layer_idx] = scorer.observe(obs)
-            if hidden.device.type == "cuda":
-                torch.cuda.synchronize(hidden.device)
-            self.seconds += time.perf_counter() - start
+            if cuda:
+                events[1].record()
+                self._events.append(events)
+            else:
+                self._host_seconds += time.perf_counter() - start
 
         return hook

@@ -23,7 +23,7 @@ from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError
 from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout, take_slots
 from kvpress_lab.models import LoadedModel
-from kvpress_lab.ops.rope import rerotate_keys
+from kvpress_lab.ops.rope import AngleTables, rerotate_keys
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments
 
@@ -260,6 +260,11 @@ def compress_step(
 
     Returns the context index of the kept slots and, when nothing was evicted in the last step
     (question-aware, original positions), the question's last logits so they can be reused.
+
+    Host transfers: scores, top-k and the cache gathers stay on the model's device. The engine's
+    validation (:mod:`kvpress_lab.engine.checks`) reads a constant number of values on the host
+    per step, whatever the number of layers and heads: the selected indices come to the host once
+    to be checked and merged with the protected slots, and go back to the device once.
     """
     contiguous = comp.engine.position_mode == "contiguous"
     step_index = layout.context_index
@@ -279,7 +284,8 @@ def compress_step(
     indices = keep_mask_to_indices(keep, comp.budgeter.name)
     if origins is not None:
         origins.add_new_rows(cache, layout.n_past)
-    gather_slots(adapter, cache, indices)
+    device = adapter.layer_kv(cache, 0)[0].device
+    gather_slots(adapter, cache, indices.to(device))  # one transfer, not one per layer
     if contiguous:
         _rerotate_contiguous(adapter, cache, layout, step_index, indices, origins)
     return _gather_index(step_index, indices), None
@@ -324,6 +330,7 @@ class KeyOrigins:
         self.adapter = adapter
         self.keys: list[torch.Tensor | None] = [None] * adapter.n_layers
         self.positions: list[torch.Tensor | None] = [None] * adapter.n_layers  # [H, n] long
+        self.end = 0  # every recorded position is below this (known on the host, never read)
 
     def add_new_rows(self, cache, n_past: int) -> None:
         """Record the rows of this forward pass (slots n_past.., at positions n_past..)."""
@@ -332,6 +339,7 @@ class KeyOrigins:
             if keys.element_size() > 2:
                 continue
             new = keys[:, :, n_past:]
+            self.end = max(self.end, int(keys.shape[2]))
             pos = torch.arange(n_past, keys.shape[2], device=keys.device).expand(keys.shape[1], -1)
             if self.keys[layer] is not None:
                 new = torch.cat([self.keys[layer], new], dim=2)
@@ -352,26 +360,41 @@ class KeyOrigins:
 def _rerotate_contiguous(
     adapter: ModelAdapter, cache, layout, step_index, indices, origins: KeyOrigins | None
 ) -> None:
-    """Move kept keys from their current positions to 0..k-1."""
+    """Move kept keys from their current positions to 0..k-1.
+
+    ``indices`` ([Ly|1, H|1, k], on the host after the engine's checks) is read on the host once
+    per step, not per layer; the positions go to the device once, and one angle table per RoPE
+    (per step) serves every layer that uses it.
+    """
     n_layers, n_kv, _ = step_index.shape
-    # current position of every slot: past slots sit at 0..n_past-1, new rows right after
-    current = torch.arange(layout.n_slots).expand(n_layers, n_kv, -1)
-    old = current.gather(-1, indices.expand(n_layers, n_kv, indices.shape[-1]))
+    # current position of every slot: past slots sit at 0..n_past-1, new rows right after; a
+    # kept slot's position is its slot number, so the kept positions are the indices themselves
+    indices = indices.cpu()
     k = indices.shape[-1]
+    old = indices.expand(n_layers, n_kv, k)
     new = torch.arange(k)
+    unchanged = (old == new).all(-1).all(-1).tolist()  # one host read per step
+    # heads share positions when the selection is per layer or global (origins' too: they
+    # follow the same indices)
+    shared = indices.shape[1] == 1
+    device = adapter.layer_kv(cache, 0)[0].device
+    old_dev, new_dev = old.to(device), new.to(device)
+    # every old and new position of this step is below n_slots, origins' below their end
+    end = layout.n_slots if origins is None else max(layout.n_slots, origins.end)
+    tables = AngleTables(end, device)
     for layer in range(n_layers):
         origin = (
             None if origins is None else origins.take(layer, indices[min(layer, len(indices) - 1)])
         )
-        old_l = old[layer]
         rope = adapter.rope(layer)
-        if rope is None or bool((old_l == new).all()):
+        if rope is None or unchanged[layer]:
             continue
         keys, values = adapter.layer_kv(cache, layer)
+        old_l = old_dev[layer]
         if origin is not None:
             keys, old_l = origin
-        pos = old_l[0] if bool((old_l == old_l[:1]).all()) else old_l
-        keys = rerotate_keys(keys, pos.to(keys.device), new.to(keys.device), rope)
+        pos = old_l[0] if shared else old_l
+        keys = rerotate_keys(keys, pos, new_dev, rope, angles=tables(rope))
         adapter.set_layer_kv(cache, layer, keys, values)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from kvpress_lab.errors import ConfigError
 
-__all__ = ["apply_rope", "rerotate_keys", "rotate_half"]
+__all__ = ["AngleTables", "angle_table", "apply_rope", "rerotate_keys", "rotate_half"]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -63,6 +63,38 @@ def _angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
     return positions.to(torch.float32).unsqueeze(-1) * inv_freq
 
 
+def angle_table(rope: object, n_positions: int, device: torch.device | str) -> Tensor:
+    """Angles of positions ``0..n_positions-1`` for ``rope``: float32 [n_positions, rotary_dim/2].
+
+    Row ``p`` is exactly what :func:`rerotate_keys` would form for position ``p`` (the same float32
+    product), so passing the table as ``angles=`` changes no bit of the result; it lets one table
+    serve every layer (and both old and new positions) of a compression step.
+    """
+    inv_freq = _spec(rope)[0].detach().to(device=device, dtype=torch.float32)
+    return _angles(torch.arange(n_positions, device=device), inv_freq)
+
+
+class AngleTables:
+    """One :func:`angle_table` per distinct RoPE frequency set, built on first use.
+
+    For one compression step: layers that share a rotary embedding (every layer of most models,
+    each layer type of Gemma) share one table of positions ``0..n_positions-1`` on ``device``.
+    """
+
+    def __init__(self, n_positions: int, device: torch.device | str) -> None:
+        self.n_positions, self.device = n_positions, device
+        # id(inv_freq) -> (inv_freq, table); holding inv_freq keeps its id unique meanwhile
+        self._tables: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, rope: object) -> Tensor:
+        inv_freq = _spec(rope)[0]
+        hit = self._tables.get(id(inv_freq))
+        if hit is None:
+            hit = (inv_freq, angle_table(rope, self.n_positions, self.device))
+            self._tables[id(inv_freq)] = hit
+        return hit[1]
+
+
 def _spec(rope: object) -> tuple[Tensor, int, str, object]:
     """(inv_freq, rotary_dim, convention, rope_type) of a RopeSpec or a rotary embedding module."""
     inv_freq = getattr(rope, "inv_freq", None)
@@ -93,6 +125,7 @@ def rerotate_keys(
     old_positions: Tensor,
     new_positions: Tensor,
     rope: object,
+    angles: Tensor | None = None,
 ) -> Tensor:
     """Move post-RoPE keys from ``old_positions`` to ``new_positions``.
 
@@ -102,6 +135,8 @@ def rerotate_keys(
             ``[kv_heads, n]`` (per head); deltas may be negative.
         rope: the layer's :class:`~kvpress_lab.adapters.RopeSpec` (``adapter.rope(layer)``), or
             a rotary embedding module with ``inv_freq`` (full rotary, rotate-half convention).
+        angles: optional :func:`angle_table` of ``rope`` covering every old and new position, on
+            the keys' device; its rows are looked up instead of recomputing the angles.
 
     Returns:
         Keys rotated by ``new - old``, in ``keys.dtype``. The module's ``attention_scaling``
@@ -144,8 +179,12 @@ def rerotate_keys(
     inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32)
     # float64 for the difference of the two float32 angles; MPS has no float64.
     diff_dtype = torch.float32 if device.type == "mps" else torch.float64
-    old_angles = _angles(old_positions.to(device), inv_freq)
-    new_angles = _angles(new_positions.to(device), inv_freq)
+    if angles is not None:
+        old_angles = angles[old_positions.to(device)]
+        new_angles = angles[new_positions.to(device)]
+    else:
+        old_angles = _angles(old_positions.to(device), inv_freq)
+        new_angles = _angles(new_positions.to(device), inv_freq)
     delta = new_angles.to(diff_dtype) - old_angles.to(diff_dtype)  # [n, d/2] or [kv_heads, n, d/2]
     if convention == "interleaved":
         delta = delta.repeat_interleave(2, dim=-1)
