@@ -125,8 +125,9 @@ class ExpectedAttentionScorer(Scorer):
         # RoPE at position 0 is the identity: these are the queries before RoPE
         at_zero = attrs.evolve(obs, positions=torch.zeros_like(obs.positions))
         queries = at_zero.queries(rows).float()
-        start = int(obs.positions[ctx_end - 1]) + 1
-        future = torch.arange(start, start + self.n_future_positions)
+        # the positions after the context, built on the device (no host read per layer)
+        steps = torch.arange(1, self.n_future_positions + 1, device=obs.positions.device)
+        future = obs.positions[ctx_end - 1] + steps
         cos, sin = obs.adapter.rotary(obs.layer_idx, future, queries)
         rotation = averaged_rotation(cos[0].float(), sin[0].float(), queries.shape[-1])
         slot0 = self.n_sink if obs.n_past == 0 else 0
@@ -148,7 +149,8 @@ class ExpectedAttentionScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        return torch.stack([o.cpu() for o in observed])  # [Ly, H, N]
+        device = observed[0].device  # scores stay on the model's device (no host copy)
+        return torch.stack([o.to(device) for o in observed])  # [Ly, H, N]
 
 
 @attrs.define(kw_only=True)

@@ -58,11 +58,12 @@ class KeyDiffScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        context = ~layout.question_mask  # [Ly, H, N]
+        device = cache_keys(0).device  # scores stay on the model's device (no host copy)
+        context = (~layout.question_mask).to(device)  # [Ly, H, N]
         layers = context.shape[0]
         return torch.stack(
             [
-                keydiff_scores(cache_keys(i)[0], context[i].to(cache_keys(i).device)).cpu()
+                keydiff_scores(cache_keys(i)[0], context[i].to(cache_keys(i).device)).to(device)
                 for i in range(layers)
             ]
         )

@@ -49,7 +49,8 @@ class KnormScorer(Scorer):
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
         layers = layout.context_index.shape[0]
-        return torch.stack([knorm_scores(cache_keys(i)[0]).cpu() for i in range(layers)])
+        device = cache_keys(0).device  # scores stay on the model's device (no host copy)
+        return torch.stack([knorm_scores(cache_keys(i)[0]).to(device) for i in range(layers)])
 
 
 @attrs.define(kw_only=True)

@@ -56,7 +56,8 @@ class TOVAScorer(Scorer):
         candidates: torch.Tensor,
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
-        return torch.stack([o.cpu() for o in observed])  # [Ly, 1, N]
+        device = observed[0].device  # scores stay on the model's device (no host copy)
+        return torch.stack([o.to(device) for o in observed])  # [Ly, 1, N]
 
 
 @attrs.define(kw_only=True)

@@ -32,6 +32,10 @@ POLICIES = [
     "laserkv:keep_ratio=0.3,block_size=128",
     "laserkv:keep_ratio=0.3,block_size=128,alpha=0.5,redistribute=true",
     "streamingllm:keep_ratio=0.3,block_size=96",
+    "knorm:keep_ratio=0.3",
+    "tova:keep_ratio=0.3",
+    "keydiff:keep_ratio=0.3",
+    "expected_attention:keep_ratio=0.3",
 ]
 
 
