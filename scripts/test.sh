@@ -42,6 +42,7 @@ git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$
   summary=$(ls kvlab-results/*/summary.md 2>/dev/null | head -n 1)
   test -s "$summary" || { echo "the main job wrote no kvlab-results/*/summary.md"; exit 1; }
   echo "main job OK: $summary written"
+  cat "$summary"
   . .venv/bin/activate
   versions newest
   python -m pip install -q -e ".[test,docs]"
