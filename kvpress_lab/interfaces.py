@@ -105,8 +105,8 @@ class LayerObservation:
     """What a scorer sees of one attention layer during a forward pass.
 
     ``hidden`` is the attention layer's input (after its input norm) for the rows of this forward
-    pass and ``positions`` their positions as the engine fed them. ``keys`` are the layer's cached
-    keys after this pass (past slots first, then the new rows). Row ``r`` sits in slot
+    pass and ``positions`` their positions as the engine fed them. ``keys`` and ``values`` are the
+    layer's cache after this pass (past slots first, then the new rows). Row ``r`` sits in slot
     ``n_past + r``. Model-specific arithmetic (query projection and norm, RoPE, scaling,
     soft-capping) is the adapter's: scorers call :meth:`queries` and :meth:`attention`.
     """
@@ -121,6 +121,7 @@ class LayerObservation:
     question_rows: slice | None  # rows holding the question, None when it is not visible
     observation_window: int  # rows to observe when no question is visible
     layout: StepLayout | None
+    values: torch.Tensor | None = None  # [B, H, N, head_dim], the layer's cached values
 
     @property
     def n_rows(self) -> int:

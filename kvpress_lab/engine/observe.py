@@ -99,7 +99,7 @@ class Observer:
             else:
                 start = time.perf_counter()
             self._hidden[layer_idx] = None
-            keys, _ = self.adapter.layer_kv(self.cache, layer_idx)
+            keys, values = self.adapter.layer_kv(self.cache, layer_idx)
             obs = LayerObservation(
                 layer_idx=layer_idx,
                 n_layers=self.adapter.n_layers,
@@ -107,6 +107,7 @@ class Observer:
                 hidden=hidden,
                 positions=self.positions,
                 keys=keys,
+                values=values,
                 n_past=int(keys.shape[2]) - int(hidden.shape[1]),
                 question_rows=self.question_rows,
                 observation_window=self.observation_window,

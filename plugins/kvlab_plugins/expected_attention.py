@@ -13,13 +13,12 @@ kept (the ``sink_window`` budgeter protects them); each KV head keeps its own be
 One-shot after prefill, original positions.
 
 kvpress equivalence: ``expected_attention:keep_ratio=r`` keeps, per layer and KV head, exactly the
-positions ``ExpectedAttentionPress(compression_ratio=1 - r, use_vnorm=False)`` keeps under the
-query-agnostic protocol (a differential test checks this on the default model). Deliberate
+positions ``ExpectedAttentionPress(compression_ratio=1 - r)`` keeps under the query-agnostic
+protocol, with and without ``use_vnorm`` (differential tests check both on the default model). Deliberate
 differences:
 
-- **No value-norm rescaling.** kvpress's default ``use_vnorm=True`` multiplies each score by
-  ``||v||``; scorers here see keys but not values, so that option needs the engine to expose the
-  values to scorers and is not offered yet.
+- Value-norm rescaling (``use_vnorm=True``, kvpress's default) multiplies each score by
+  ``(score + epsilon) * ||v||``, read from the layer's cached values.
 - **Question-aware protocol.** The query statistics come from the context rows only, the softmax
   runs over context slots only, and the future positions start right after the context; kvpress
   never sees a question during compression, so under the query-agnostic protocol this is its
@@ -113,6 +112,8 @@ class ExpectedAttentionScorer(Scorer):
     n_future_positions: int = attrs.field(default=512, validator=positive_int)
     n_sink: int = attrs.field(default=4, validator=_non_negative)
     use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    use_vnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    epsilon: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
         n_slots = obs.keys.shape[2]
@@ -133,13 +134,17 @@ class ExpectedAttentionScorer(Scorer):
         slot0 = self.n_sink if obs.n_past == 0 else 0
         slot1 = obs.n_past + ctx_end
         keys = obs.keys[:, :, slot0:slot1].float()
-        out[:, slot0:slot1] = expected_attention_scores(
+        scores = expected_attention_scores(
             queries,
             keys,
             rotation.to(queries.device),
             obs.adapter.scaling(obs.layer_idx),
             self.use_covariance,
         )
+        if self.use_vnorm:  # attention times what the value contributes (kvpress's default)
+            values = obs.values[:, :, slot0:slot1].float()
+            scores = (scores + self.epsilon) * values.norm(dim=-1).sum(dim=0)
+        out[:, slot0:slot1] = scores
         return out
 
     def score(
@@ -155,12 +160,14 @@ class ExpectedAttentionScorer(Scorer):
 
 @attrs.define(kw_only=True)
 class ExpectedAttentionPolicy(Policy):
-    """Expected Attention (kvpress defaults, without value-norm rescaling), one-shot, per KV head."""
+    """Expected Attention (kvpress defaults), one-shot, per KV head."""
 
     name: ClassVar[str] = "expected_attention"
     n_future_positions: int = attrs.field(default=512, validator=positive_int)
     n_sink: int = attrs.field(default=4, validator=_non_negative)
     use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    use_vnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    epsilon: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
 
     def compose(self) -> Composition:
         return Composition(
@@ -172,6 +179,8 @@ class ExpectedAttentionPolicy(Policy):
                     n_future_positions=self.n_future_positions,
                     n_sink=self.n_sink,
                     use_covariance=self.use_covariance,
+                    use_vnorm=self.use_vnorm,
+                    epsilon=self.epsilon,
                 )
             },
             selector=TopKSelector(scorer="main", granularity="head"),

@@ -82,7 +82,7 @@ def test_policy_record_and_validation():
     policy = load_policy("expected_attention:keep_ratio=0.25")
     assert repr(policy) == (
         "ExpectedAttentionPolicy(keep_ratio=0.25, budget=None, n_future_positions=512, "
-        "n_sink=4, use_covariance=True)"
+        "n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)"
     )
     with pytest.raises(ConfigError, match="n_sink=-1 is invalid"):
         load_policy("expected_attention:n_sink=-1")

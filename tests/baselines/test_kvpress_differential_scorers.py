@@ -117,9 +117,17 @@ def test_keydiff_matches_kvpress(default_lm, context_ids):
     _assert_same_sets(ours, theirs)
 
 
-def test_expected_attention_matches_kvpress_without_vnorm(default_lm, context_ids):
-    press = kvpress.ExpectedAttentionPress(compression_ratio=1 - KEEP_RATIO, use_vnorm=False)
+@pytest.mark.parametrize("use_vnorm", [True, False])
+def test_expected_attention_matches_kvpress(default_lm, context_ids, use_vnorm):
+    press = kvpress.ExpectedAttentionPress(compression_ratio=1 - KEEP_RATIO, use_vnorm=use_vnorm)
     theirs = _kvpress_positions(default_lm.model, context_ids, press)
-    ours = _ours(default_lm, f"expected_attention:keep_ratio={KEEP_RATIO}", context_ids)
+    spec = f"expected_attention:keep_ratio={KEEP_RATIO},use_vnorm={str(use_vnorm).lower()}"
+    ours = _ours(default_lm, spec, context_ids)
     _assert_same_sets(ours, theirs)
     assert bool((ours[..., :4] == torch.arange(4)).all()), "the 4 sinks are always kept"
+    if use_vnorm:  # the option matters: without it other tokens are kept
+        plain = _ours(default_lm, f"expected_attention:keep_ratio={KEEP_RATIO}", context_ids)
+        other = _ours(
+            default_lm, f"expected_attention:keep_ratio={KEEP_RATIO},use_vnorm=false", context_ids
+        )
+        assert torch.equal(plain, ours) and not torch.equal(other, ours)
