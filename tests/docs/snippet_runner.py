@@ -1,11 +1,12 @@
 """Run the code a newcomer copies from one page (README.md, docs/index.md, docs/quickstart.md).
 
-Usage: ``python tests/docs/snippet_runner.py PAGE WORKDIR [TINY_MODEL_DIR]``. Every ``python``
+Usage: ``python tests/docs/snippet_runner.py PAGE WORKDIR [TINY_MODEL_DIR | --python-only]``. Every ``python``
 block is executed as written, in order, in one namespace; every ``bash`` line is run: ``kvlab
 ...`` in-process (it must exit 0), ``pip install ...`` and the venv line are checked to be steps
 of the README's main command (which CI runs verbatim, see scripts/test.sh). With a tiny model
 directory, ``load_model()`` without a model loads it instead of the default model, which is too
-slow for every snippet on a CPU; everything else runs unchanged.
+slow for every snippet on a CPU; everything else runs unchanged. ``--python-only`` runs just the
+python blocks (on the default model, for the slow check of the README's Python snippet).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from readme_commands import readme_command  # noqa: E402
 from tutorial_runner import blocks, commands  # noqa: E402
 
 
-def main(page: Path, workdir: Path, tiny: str | None) -> int:
+def main(page: Path, workdir: Path, tiny: str | None, python_only: bool = False) -> int:
     import kvpress_lab
     import kvpress_lab.models as models
 
@@ -59,7 +60,7 @@ def main(page: Path, workdir: Path, tiny: str | None) -> int:
             print(f"--- python block at line {line}", flush=True)
             exec(compile(body, f"{page.name}:{line}", "exec"), namespace)
             ran += 1
-        elif lang == "bash":
+        elif lang == "bash" and not python_only:
             for cmd in commands(body):
                 argv = shlex.split(cmd.split("  #")[0])
                 print(f"$ {cmd}", flush=True)
@@ -83,4 +84,6 @@ def main(page: Path, workdir: Path, tiny: str | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
+    extra = sys.argv[3] if len(sys.argv) > 3 else None
+    only = extra == "--python-only"
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), None if only else extra, only))
