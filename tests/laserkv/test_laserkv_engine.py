@@ -187,7 +187,8 @@ class _ForwardLog:
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
-        cache = kwargs["past_key_values"]
+        # the reference reads the model's own inputs; the cache keyword was renamed in 5.24
+        cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]
         self.calls.append((cache.get_seq_length(), int(kwargs["input_ids"].shape[-1])))
 
     def __enter__(self):
