@@ -132,8 +132,9 @@ class _AccumulatedAttention(Scorer):
     def observe(self, obs: LayerObservation) -> torch.Tensor:
         return accumulated_attention(obs, self.query_block)
 
-    def score(self, layout, observed, candidates, cache_keys) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError("used only for decode-time observation")
+    def score(self, layout, observed, candidates, cache_keys) -> torch.Tensor:
+        # the engine hands the per-layer sums to the eviction directly; as a scorer they stack
+        return torch.stack([o.to(observed[0].device) for o in observed])  # [Ly, H, N]
 
 
 class H2OEviction:

@@ -124,3 +124,44 @@ def test_streamingllm_matches_kvpress(default_lm, context_ids):
     _compare(ours, theirs)
     expected = torch.cat([torch.arange(4), torch.arange(L - 246, L)])
     assert bool((theirs == expected).all())
+
+
+# native scorers (issue 12) against their kvpress presses, same input and recovery
+def test_knorm_matches_kvpress(default_lm, context_ids):
+    press = kvpress.KnormPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(*_kvpress_run(default_lm.model, context_ids, press))
+    ours = _ours(default_lm, f"knorm:keep_ratio={KEEP_RATIO}", context_ids)
+    _compare(ours, theirs)
+    assert not bool((ours == ours[:, :1]).all()), "knorm selects per KV head"
+
+
+def test_tova_matches_kvpress(default_lm, context_ids):
+    press = kvpress.TOVAPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(*_kvpress_run(default_lm.model, context_ids, press))
+    ours = _ours(default_lm, f"tova:keep_ratio={KEEP_RATIO}", context_ids)
+    _compare(ours, theirs)
+    assert bool((ours == ours[:, :1]).all()), "tova keeps one index set per layer"
+    assert bool((ours[..., -1] == L - 1).all()), "the observing last token is always kept"
+
+
+def test_keydiff_matches_kvpress(default_lm, context_ids):
+    press = kvpress.KeyDiffPress(compression_ratio=1 - KEEP_RATIO)
+    theirs = _kvpress_positions(*_kvpress_run(default_lm.model, context_ids, press))
+    ours = _ours(default_lm, f"keydiff:keep_ratio={KEEP_RATIO}", context_ids)
+    _compare(ours, theirs)
+
+
+@pytest.mark.parametrize("use_vnorm", [True, False])
+def test_expected_attention_matches_kvpress(default_lm, context_ids, use_vnorm):
+    press = kvpress.ExpectedAttentionPress(compression_ratio=1 - KEEP_RATIO, use_vnorm=use_vnorm)
+    theirs = _kvpress_positions(*_kvpress_run(default_lm.model, context_ids, press))
+    spec = f"expected_attention:keep_ratio={KEEP_RATIO},use_vnorm={str(use_vnorm).lower()}"
+    ours = _ours(default_lm, spec, context_ids)
+    _compare(ours, theirs)
+    assert bool((ours[..., :4] == torch.arange(4)).all()), "the 4 sinks are always kept"
+    if use_vnorm:  # the option matters: without it other tokens are kept
+        plain = _ours(default_lm, f"expected_attention:keep_ratio={KEEP_RATIO}", context_ids)
+        other = _ours(
+            default_lm, f"expected_attention:keep_ratio={KEEP_RATIO},use_vnorm=false", context_ids
+        )
+        assert torch.equal(plain, ours) and not torch.equal(other, ours)
