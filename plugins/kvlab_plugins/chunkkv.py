@@ -1,0 +1,1 @@
+"""Placeholder: the chunkkv plugin module is being written (registers nothing yet)."""

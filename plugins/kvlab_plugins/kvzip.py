@@ -1,0 +1,1 @@
+"""Placeholder: the kvzip plugin module is being written (registers nothing yet)."""
