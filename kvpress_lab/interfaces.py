@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "Budgeter",
     "KVCacheView",
     "LayerObservation",
+    "Probe",
     "ScoreSource",
     "Scorer",
     "Selector",
@@ -101,6 +102,22 @@ class Allocation:
 
 
 @attrs.frozen
+class Probe:
+    """Tokens a scorer asks the engine to run over the cache after a step's forward pass.
+
+    Some methods score the cache by what extra queries do with it (KVzip feeds a "repeat the
+    context" prompt). The engine sets the question's KV aside, feeds ``ids`` right after the
+    cached context, lets the scorer observe every layer (:attr:`LayerObservation.probe` is this
+    probe), then drops the probe's KV and puts the question back: the cache is unchanged. ``span``
+    means what the scorer says it means (KVzip: the slots the probe reconstructs). Its wall time
+    is reported as compression time.
+    """
+
+    ids: torch.Tensor  # [n] long
+    span: tuple[int, int] = (0, 0)
+
+
+@attrs.frozen
 class LayerObservation:
     """What a scorer sees of one attention layer during a forward pass.
 
@@ -122,6 +139,10 @@ class LayerObservation:
     observation_window: int  # rows to observe when no question is visible
     layout: StepLayout | None
     values: torch.Tensor | None = None  # [B, H, N, head_dim], the layer's cached values
+    # set during a probe pass (Scorer.probes): the probe, and what this scorer returned for this
+    # layer in the previous pass of the step (the forward pass or the previous probe)
+    probe: Probe | None = None
+    previous: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -142,18 +163,23 @@ class LayerObservation:
         """
         return self.adapter.queries(self.layer_idx, self.hidden[:, rows], self.positions[rows])
 
-    def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
+    def attention(
+        self, rows: slice, causal: bool = True, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Softmax attention of ``rows`` over every key they can see, float32.
 
         Returns [B, H, G, r, N] with ``G`` query heads per KV head; keys are broadcast, never
         copied per query head. Slots after a row (later rows of this pass) get zero weight.
-        Scaling and logit soft-capping are the model's own.
+        Scaling and logit soft-capping are the model's own. ``slots`` (long [S]) restricts the
+        softmax to those cache slots: the last dim is then ``S``, in the order given.
         """
-        logits = self.adapter.attention_logits(self.layer_idx, self.queries(rows), self.keys)
+        keys = self.keys if slots is None else self.keys.index_select(2, slots)
+        logits = self.adapter.attention_logits(self.layer_idx, self.queries(rows), keys)
         if causal:
             n = self.keys.shape[2]
             row_slot = self.n_past + torch.arange(rows.start, rows.stop, device=logits.device)
-            visible = torch.arange(n, device=logits.device)[None, :] <= row_slot[:, None]
+            key_slot = torch.arange(n, device=logits.device) if slots is None else slots
+            visible = key_slot.to(logits.device)[None, :] <= row_slot[:, None]
             logits = logits.masked_fill(~visible, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
@@ -227,6 +253,18 @@ class Scorer(ABC):
     def needs_observation(self) -> bool:
         """Whether ``observe`` must run; the engine skips the hooks otherwise."""
         return type(self).observe is not Scorer.observe
+
+    def probes(
+        self, layout: StepLayout, context_ids: torch.Tensor, tokenizer: Any
+    ) -> Sequence[Probe]:
+        """Extra passes the engine runs over the cache before this step's scores (none by default).
+
+        Called only when the step evicts. ``context_ids`` [L] are the context tokens, ``tokenizer``
+        the model's. Each probe's observations reach :meth:`observe` with ``obs.probe`` set and
+        ``obs.previous`` holding the layer's value from the pass before; the value returned for
+        the last probe is what :meth:`score` receives.
+        """
+        return ()
 
 
 class Selector(ABC):

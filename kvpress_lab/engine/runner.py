@@ -21,7 +21,15 @@ from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices
 from kvpress_lab.engine.checks import check_allocation, check_scores, check_selection
 from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError
-from kvpress_lab.interfaces import Allocation, Scorer, ScoreSource, StepLayout, take_slots
+from kvpress_lab.interfaces import (
+    Allocation,
+    LayerObservation,
+    Probe,
+    Scorer,
+    ScoreSource,
+    StepLayout,
+    take_slots,
+)
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.ops.rope import AngleTables, rerotate_keys
 from kvpress_lab.policy import Composition, Policy
@@ -29,6 +37,7 @@ from kvpress_lab.prompt import PromptSegments
 
 __all__ = [
     "CompressedContext",
+    "ProbeInputs",
     "check_fits",
     "check_supported",
     "compress_step",
@@ -52,6 +61,8 @@ class CompressedContext:
     blocks: int
     # set when nothing was evicted in the last step and the question's KV could be kept
     question_logits: torch.Tensor | None = None
+    # wall time of the scorers' probe passes (Scorer.probes), already counted in compress_s
+    probe_s: float = 0.0
 
     @property
     def kept_tokens(self) -> int:
@@ -142,6 +153,7 @@ def prefill_and_compress(
     prefill_s = compress_s = 0.0
     peak_tokens = peak_bytes = 0
     question_logits = None
+    probe_inputs = ProbeInputs(context_ids=ctx, tokenizer=lm.tokenizer)
 
     for bi, (b0, b1) in enumerate(bounds):
         n_past = int(context_index.shape[-1])
@@ -188,6 +200,7 @@ def prefill_and_compress(
             logits[-1],
             last=bi == len(bounds) - 1,
             origins=origins,
+            probe_inputs=probe_inputs,
         )
         _sync(device)
         t2 = time.perf_counter()
@@ -202,12 +215,13 @@ def prefill_and_compress(
         ],
         next_position=(int(context_index.shape[-1]) if contiguous else L),
         context_length=L,
-        peak_kv_tokens=peak_tokens,
-        peak_kv_bytes=peak_bytes,
+        peak_kv_tokens=max(peak_tokens, probe_inputs.peak_tokens),
+        peak_kv_bytes=max(peak_bytes, probe_inputs.peak_bytes),
         prefill_s=prefill_s,
         compress_s=compress_s,
         blocks=len(bounds),
         question_logits=question_logits,
+        probe_s=probe_inputs.seconds,
     )
 
 
@@ -255,6 +269,7 @@ def compress_step(
     last_logits: torch.Tensor,
     last: bool,
     origins: KeyOrigins | None = None,
+    probe_inputs: ProbeInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One compression step after a forward pass, in place on ``cache``.
 
@@ -278,6 +293,8 @@ def compress_step(
         selected = torch.empty(1, 1, 0, dtype=torch.long)
         keep = _merge(allocation, selected, layout, comp.selector.name)
     else:
+        if probe_inputs is not None:
+            observed = run_probes(adapter, comp, cache, layout, observed, probe_inputs)
         source = _Scores(comp.scorers, layout, observed, adapter, cache)
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
         keep = _merge(allocation, selected, layout, comp.selector.name)
@@ -289,6 +306,104 @@ def compress_step(
     if contiguous:
         _rerotate_contiguous(adapter, cache, layout, step_index, indices, origins)
     return _gather_index(step_index, indices), None
+
+
+@attrs.define
+class ProbeInputs:
+    """What scorers' probes are built from (:meth:`Scorer.probes`), and the time they took."""
+
+    context_ids: torch.Tensor  # [L] long, on the model's device
+    tokenizer: object
+    seconds: float = 0.0  # wall time of every probe pass so far (forward, scorers and trim)
+    peak_tokens: int = 0  # most slots held during a probe pass (context and probe)
+    peak_bytes: int = 0
+
+
+def run_probes(
+    adapter: ModelAdapter,
+    comp: Composition,
+    cache: object,
+    layout: StepLayout,
+    observed: Mapping[str, list],
+    inputs: ProbeInputs,
+) -> dict[str, list]:
+    """Run the probe passes the selector's scorers ask for; return the updated observations.
+
+    The question's KV (the last ``n_question`` slots) is set aside, each probe is fed right after
+    the cached context (one forward pass per probe, so a scorer bounds memory by chunking its
+    probes) with only its scorer observing, and the probe's KV is dropped after the pass. The
+    cache ends exactly as it was. The wall time is added to ``inputs.seconds``.
+    """
+    observed = dict(observed)
+    wanted = [
+        (
+            name,
+            comp.scorers[name],
+            comp.scorers[name].probes(layout, inputs.context_ids, inputs.tokenizer),
+        )
+        for name in comp.selector.scorer_names()
+    ]
+    wanted = [w for w in wanted if w[2]]
+    if not wanted:
+        return observed
+    device = inputs.context_ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    n_layers, n_ctx = adapter.n_layers, layout.n_slots - layout.n_question
+    held = [adapter.layer_kv(cache, layer) for layer in range(n_layers)]
+    _trim(adapter, cache, n_ctx)
+    # the probe continues the context: after its last position (original) or its last slot
+    start = layout.block_end if comp.engine.position_mode == "original" else n_ctx
+    for name, scorer, probes in wanted:
+        for probe in probes:
+            n = int(probe.ids.numel())
+            observer = Observer(
+                adapter,
+                cache,
+                [(name, _ProbeObserver(scorer, probe, observed[name]))],
+                layout,
+                torch.arange(start, start + n, device=device),
+                question_rows=None,
+                observation_window=comp.engine.observation_window,
+            )
+            with observer.attached():
+                adapter.forward(
+                    probe.ids.to(device),
+                    cache,
+                    torch.arange(start, start + n, device=device),
+                    torch.arange(n_ctx, n_ctx + n, device=device),
+                )
+            observed[name] = observer.observed[name]
+            inputs.peak_tokens = max(inputs.peak_tokens, n_ctx + n)
+            inputs.peak_bytes = max(inputs.peak_bytes, adapter.kv_bytes(cache))
+            _trim(adapter, cache, n_ctx)
+    for layer, (keys, values) in enumerate(held):  # the question's KV back in place
+        adapter.set_layer_kv(cache, layer, keys, values)
+    _sync(device)
+    inputs.seconds += time.perf_counter() - t0
+    return observed
+
+
+def _trim(adapter: ModelAdapter, cache: object, n_slots: int) -> None:
+    for layer in range(adapter.n_layers):
+        keys, values = adapter.layer_kv(cache, layer)
+        adapter.set_layer_kv(cache, layer, keys[:, :, :n_slots], values[:, :, :n_slots])
+
+
+class _ProbeObserver(Scorer):
+    """Hands a scorer its probe and its previous per-layer value during a probe pass."""
+
+    name = "probe"
+
+    def __init__(self, scorer: Scorer, probe: Probe, previous: list) -> None:
+        self._scorer, self._probe, self._previous = scorer, probe, previous
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor | None:
+        prev = self._previous[obs.layer_idx]
+        return self._scorer.observe(attrs.evolve(obs, probe=self._probe, previous=prev))
+
+    def score(self, layout, observed, candidates, cache_keys):  # never called
+        raise NotImplementedError
 
 
 def _broadcast(mask: torch.Tensor, layout: StepLayout) -> torch.Tensor:
