@@ -28,6 +28,7 @@ from kvpress_lab.engine.api import answer_compressed
 from kvpress_lab.engine.result import RunResult
 from kvpress_lab.engine.runner import (
     CompressedContext,
+    ProbeInputs,
     _sync,
     check_fits,
     check_supported,
@@ -114,6 +115,7 @@ def run_shared(
         # the engine never writes into cached tensors, only assigns new ones: sharing is safe
         own = cache if i == len(comps) - 1 else adapter.copy_cache(cache)
         t2 = time.perf_counter()
+        probe_inputs = ProbeInputs(context_ids=ctx, tokenizer=lm.tokenizer)
         context_index, question_logits = compress_step(
             adapter,
             comp,
@@ -124,6 +126,7 @@ def run_shared(
             observer.observed,
             last_logits,
             last=True,
+            probe_inputs=probe_inputs,
         )
         _sync(device)
         compress_s = observer.seconds + (time.perf_counter() - t2)
@@ -136,12 +139,13 @@ def run_shared(
             ],
             next_position=int(context_index.shape[-1]) if contiguous else L,
             context_length=L,
-            peak_kv_tokens=n_in,
-            peak_kv_bytes=peak_bytes,
+            peak_kv_tokens=max(n_in, probe_inputs.peak_tokens),
+            peak_kv_bytes=max(peak_bytes, probe_inputs.peak_bytes),
             prefill_s=prefill_s,
             compress_s=compress_s,
             blocks=1,
             question_logits=question_logits,
+            probe_s=probe_inputs.seconds,
         )
         yield answer_compressed(
             lm,

@@ -19,7 +19,9 @@ from tiny import TinyTokenizer, tiny_model
 
 from kvpress_lab import run
 from kvpress_lab.adapters import adapter_for
+from kvpress_lab.engine.api import run_segments
 from kvpress_lab.engine.runner import ProbeInputs, prefill_and_compress, run_probes
+from kvpress_lab.engine.shared import run_shared
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import LayerObservation, Probe, StepLayout
 from kvpress_lab.policy import EngineOptions
@@ -308,3 +310,15 @@ def test_keep_ratio_one_answers_like_full(query_agnostic):
 
 def test_conformance():
     check_policy("kvzip")
+
+
+def test_shared_prefill_runs_the_probe_too():
+    lm = tiny_model("llama", seed=1)
+    segments = build_prompt(lm.tokenizer, CONTEXT, QUESTION)
+    policies = [load_policy("kvzip:keep_ratio=0.3"), load_policy("snapkv:keep_ratio=0.3")]
+    shared = list(run_shared(lm, policies, segments, max_new_tokens=4))
+    for policy, got in zip(policies, shared, strict=True):
+        want = run_segments(lm, policy, segments, max_new_tokens=4)
+        assert torch.equal(got.kept_indices, want.kept_indices), policy
+        assert got.answer_token_ids == want.answer_token_ids, policy
+        assert got.peak_kv_bytes == want.peak_kv_bytes, policy
