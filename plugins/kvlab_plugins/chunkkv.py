@@ -1,1 +1,197 @@
-"""Placeholder: the chunkkv plugin module is being written (registers nothing yet)."""
+"""ChunkKV: keep whole chunks of contiguous tokens, ranked by any scorer.
+
+Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM
+Inference", 2025 (arXiv:2502.00299). Single tokens kept here and there lose the phrase they belong
+to; ChunkKV cuts the context into chunks of ``chunk_length`` consecutive tokens, scores every chunk
+by its tokens' importance and keeps the best chunks whole.
+
+Here the token importance comes from any registered policy (``scorer=snapkv``, ``knorm``, ``tova``,
+``expected_attention``, a kvpress press through ``kvpress`` ...): that policy's budgeter and
+scorers are reused through :func:`kvpress_lab.reuse.reuse_scoring` and only the selection changes.
+
+Chunks and budgets:
+
+* Chunk ``c`` holds context positions ``[c * chunk_length, (c + 1) * chunk_length)``; when the
+  context length is not a multiple of ``chunk_length`` the last chunk is shorter (as in kvpress).
+* A chunk's score is the mean score of its *candidate* tokens (slots the reused budgeter protects,
+  e.g. SnapKV's observation window, are kept anyway and do not count). With ``granularity=layer``
+  (the default, as in kvpress) scores are first summed over the KV heads, so all heads of a layer
+  keep the same chunks.
+* Chunks are taken best first while they fit the budget. The first chunk that does not fit is cut:
+  its best-scored tokens fill the budget exactly. So the policy keeps exactly
+  ``floor(keep_ratio * L)`` context tokens like every other policy, at the price of at most one
+  partial chunk per selection.
+
+kvpress's ``ChunkKVPress`` keeps ``max(1, int(n_chunks * keep_ratio))`` whole chunks instead, which
+can miss the budget by up to a chunk; where the budget is a whole number of chunks and the
+protected window is made of whole chunks, the two keep the same tokens (checked by a differential
+test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpress_lab.errors import PluginError
+from kvpress_lab.hookspecs import hookimpl
+from kvpress_lab.interfaces import Scorer, ScoreSource, Selector, StepLayout
+from kvpress_lab.policy import Composition, Policy, positive_int
+from kvpress_lab.reuse import reuse_scoring
+from kvpress_lab.selection import Granularity, reduce_scores
+
+POSITIONS = "context_position"
+"""Scorer name under which a chunk selector reads the context position of every slot."""
+
+
+@attrs.define(kw_only=True)
+class ContextPositionScorer(Scorer):
+    """The context position of every slot (question slots: -1), as long "scores" [Ly, H, N].
+
+    Selectors that group tokens by where they sit in the context read it like any scorer.
+    """
+
+    name: ClassVar[str] = "context_position"
+
+    def score(
+        self,
+        layout: StepLayout,
+        observed: Sequence[torch.Tensor | None],
+        candidates: torch.Tensor,
+        cache_keys: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        return layout.context_index
+
+
+def _collapse(x: torch.Tensor, lead: torch.Size, what: str) -> torch.Tensor:
+    """Narrow the leading dims of ``x`` to 1 where ``lead`` has 1; they must all agree."""
+    for dim in (0, 1):
+        if lead[dim] == 1 and x.shape[dim] > 1:
+            first = x.narrow(dim, 0, 1)
+            if not bool((x == first).all()):
+                raise PluginError(
+                    f"chunk selection: the {what} differ between "
+                    f"{'layers' if dim == 0 else 'heads'}, but the granularity gives one index "
+                    "set for them; use a finer granularity"
+                )
+            x = first
+    return x
+
+
+def chunk_select(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    chunk_length: int,
+) -> torch.Tensor:
+    """Kept candidate slots: the best chunks whole, then the best tokens of the next chunk.
+
+    Args:
+        scores: [Ly', H', N] token scores (one row per index set to choose).
+        positions: [Ly|1, H|1, N] context position of every slot, negative for question slots.
+        candidates: [Ly|1, H|1, N] bool.
+        k: candidates to keep per row.
+        chunk_length: tokens per chunk; chunk ``c`` is positions ``[c*len, (c+1)*len)``.
+    Returns:
+        [Ly', H', k] long, sorted ascending.
+    """
+    lead = scores.shape[:2]
+    device = scores.device
+    n = scores.shape[-1]
+    pos = _collapse(positions.to(device), lead, "slot positions").expand(*lead, n)
+    cand = _collapse(candidates.to(device, torch.bool), lead, "candidates").expand(*lead, n)
+    if k == 0:
+        return torch.empty(*lead, 0, dtype=torch.long, device=device)
+    tokens = torch.where(cand, scores.float(), torch.zeros((), device=device))
+    chunk = pos.clamp(min=0).long() // chunk_length  # [a, b, N]
+    n_chunks = int(chunk.max()) + 1  # one host read per selection
+    weight = cand.float()
+    total = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, tokens)
+    count = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, weight)
+    mean = torch.where(count > 0, total / count.clamp(min=1), float("-inf"))
+    # rank chunks best first (ties: the earlier chunk), then every slot inherits its chunk's rank
+    order = mean.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n_chunks, device=device).expand_as(order)
+    )
+    slot_rank = torch.where(cand, rank.gather(-1, chunk), n_chunks)
+    # best token first inside a chunk, then chunks by rank (both sorts stable): the first k slots
+    # are the whole best chunks and the best tokens of the first chunk that does not fit
+    by_token = torch.where(cand, tokens, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    by_chunk = slot_rank.gather(-1, by_token.indices).sort(dim=-1, stable=True).indices
+    kept = by_token.indices.gather(-1, by_chunk)[..., :k]
+    return kept.sort(dim=-1).values
+
+
+@attrs.define(kw_only=True)
+class ChunkSelector(Selector):
+    """Whole chunks of contiguous context tokens, best mean score first, exactly ``k`` tokens."""
+
+    name: ClassVar[str] = "chunk"
+    scorer: str = "main"
+    positions: str = POSITIONS
+    chunk_length: int = attrs.field(default=20, validator=positive_int)
+    granularity: Granularity = attrs.field(
+        default="layer", validator=attrs.validators.in_(("global", "layer", "head"))
+    )
+
+    def scorer_names(self) -> tuple[str, ...]:
+        return (self.scorer, self.positions)
+
+    def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
+        scores = reduce_scores(source.scores(self.scorer, candidates), self.granularity)
+        positions = source.scores(self.positions, candidates)
+        return chunk_select(scores, positions, candidates, k, self.chunk_length)
+
+
+@attrs.define(kw_only=True)
+class ChunkKVPolicy(Policy):
+    """ChunkKV: another policy's scores, kept in whole chunks of ``chunk_length`` tokens.
+
+    ``scorer`` names the registered policy whose budgeter and scorers are reused, with its own
+    parameters after ``+`` (``scorer=snapkv+window=64+kernel=5+pooling=avg``).
+    """
+
+    name: ClassVar[str] = "chunkkv"
+    scorer: str = attrs.field(default="snapkv", validator=attrs.validators.instance_of(str))
+    chunk_length: int = attrs.field(default=20, validator=positive_int)
+    granularity: Granularity = attrs.field(
+        default="layer", validator=attrs.validators.in_(("global", "layer", "head"))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._reused()  # a bad scorer spec fails when the policy is built, not mid-run
+
+    def _reused(self):
+        return reuse_scoring(
+            self.scorer, keep_ratio=self.keep_ratio, budget=self.budget, owner=self.name
+        )
+
+    def compose(self) -> Composition:
+        reused = self._reused()
+        selector = ChunkSelector(
+            scorer=reused.scorer,
+            chunk_length=self.chunk_length,
+            granularity=self.granularity,
+        )
+        return reused.compose(selector, {POSITIONS: ContextPositionScorer()})
+
+
+@hookimpl
+def kvlab_scorers() -> list[type]:
+    return [ContextPositionScorer]
+
+
+@hookimpl
+def kvlab_selectors() -> list[type]:
+    return [ChunkSelector]
+
+
+@hookimpl
+def kvlab_policies() -> list[type]:
+    return [ChunkKVPolicy]
