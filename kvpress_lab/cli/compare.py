@@ -42,8 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tasks",
         default=_join(DEFAULTS["tasks"]),
-        help="comma-separated tasks (niah, niah-multikey, vt, babilong-qa1..qa5) or .jsonl files "
-        f"(default: {_join(DEFAULTS['tasks'])})",
+        help="comma-separated tasks: niah, niah-multikey, vt, babilong-qa1..qa5, `ruler` (all 13 "
+        "RULER tasks, summarized per task and as a group) or one of them as `ruler:<task>` "
+        "(e.g. ruler:niah_single_1, ruler:cwe, ruler:qa_1), or .jsonl files (a line may hold a "
+        f"`questions` list) (default: {_join(DEFAULTS['tasks'])})",
     )
     p.add_argument(
         "--lengths",
@@ -94,8 +96,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=DEFAULTS["max_new_tokens"],
-        help=f"answer length limit (default: {DEFAULTS['max_new_tokens']})",
+        default=None,
+        help="answer length limit for every task (default: each task's own, RULER's "
+        "tokens_to_generate such as 120 for ruler:cwe, and "
+        f"{DEFAULTS['max_new_tokens']} for tasks without one)",
     )
     p.add_argument(
         "--shard",
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     keeps = parse_keeps(args.keep)
     shard = parse_shard(args.shard)
     for name, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
+        if value is not None and value < 1:
             raise InputError(f"{name} {value} must be >= 1")
     result = compare(
         specs,
@@ -209,8 +213,11 @@ def run(args: argparse.Namespace) -> int:
         from kvpress_lab.compare.report import tighter_intervals_hint
 
         # soft_wrap: table rows stay one line each when the output is redirected
+        hint = tighter_intervals_hint(result.summary, result.out)
         summary_md = (result.out / "summary.md").read_text(encoding="utf-8")
-        console.print(summary_md, markup=False, soft_wrap=True)
+        # summary.md ends with the hint too: printed once, last, after the row count
+        body = "\n".join(x for x in summary_md.splitlines() if x != hint).rstrip()
+        console.print(body, markup=False, soft_wrap=True)
         console.print(
             f"{result.ran} row(s) run, {len(result.rows)} in {result.out} (results.jsonl, "
             "summary.md, summary.csv, metadata.json, *.png)",
@@ -218,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
         console.print(
-            tighter_intervals_hint(result.summary, result.out),
+            hint,
             highlight=False,
             markup=False,
             soft_wrap=True,

@@ -5,6 +5,13 @@ full cache and with the first listed policy (:mod:`kvpress_lab.compare.stats`). 
 judged against the policy-independent target each row records (``floor(keep_ratio * L)`` or
 ``budget``); a cell that misses it by more than 1 % is marked unfair and its verdicts say so
 instead of ranking it.
+
+Several questions over one context (rows with a ``question_index``) are scored one row per
+question, and a sample's score is the mean of its questions' scores: the unit of ``n``, of the
+intervals and of the paired comparisons is the sample (the context), since questions over one
+context are not independent. RULER's tasks keep RULER's scoring (``niah_multiquery`` asks its
+four keys in one question, scored with ``string_match_all``). Rows of a task group (``ruler``)
+also add up to one line per group, whose samples are every member task's samples.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ COLUMNS = (
     "length",
     "keep",
     "n",
+    "questions",
     "accuracy",
     "accuracy_low",
     "accuracy_high",
@@ -66,6 +74,7 @@ COLUMNS = (
     "decode_s",
     "decode_tok_s",
     "shared_prefill",
+    "prefills_per_sample",
 )
 
 
@@ -86,8 +95,12 @@ def _first_policy(rows: list[dict], metadata: dict | None) -> str | None:
 
 
 def _scores(group: list[dict]) -> dict:
-    """Scores by sample (rows without a sample id pair by their position in the cell)."""
-    return {r.get("sample_id", i): float(r["score"]) for i, r in enumerate(group)}
+    """Scores by sample: the mean over a sample's question rows (rows without a sample id pair
+    by their position in the cell; a group's samples are told apart by their task)."""
+    by: dict = defaultdict(list)
+    for i, r in enumerate(group):
+        by[(r["task"], r.get("sample_id", i))].append(float(r["score"]))
+    return {sample: sum(v) / len(v) for sample, v in by.items()}
 
 
 def _paired(cell: dict[str, float], ref: dict[str, float]):
@@ -107,6 +120,8 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
     order: dict[str, int] = {}
     for r in rows:
         groups[(r["spec"], r["task"], r["target_length"], r["keep_ratio"])].append(r)
+        if r.get("task_group"):  # the group's line: every member task's rows together
+            groups[(r["spec"], r["task_group"], r["target_length"], r["keep_ratio"])].append(r)
         order.setdefault(r["spec"], len(order))
 
     cells: dict[tuple, dict] = {}
@@ -129,7 +144,8 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
             "task": task,
             "length": length,
             "keep": keep,
-            "n": len(g),
+            "n": len(cell["scores"]),
+            "questions": len(g),
             "accuracy": acc.estimate,
             "accuracy_low": acc.low,
             "accuracy_high": acc.high,
@@ -148,6 +164,8 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
             "decode_s": _mean(x["decode_s"] for x in g),
             "decode_tok_s": _mean(x["decode_tokens_per_s"] for x in g),
             "shared_prefill": _mean(float(x["shared_prefill"]) for x in g),
+            # rows before the counter existed ran one prefill each
+            "prefills_per_sample": sum(x.get("prefills", 1) for x in g) / len(cell["scores"]),
         }
         full_cell = full.get((task, length))
         if full_cell is not None:
@@ -214,6 +232,17 @@ def _with_interval(estimate: float, low: float, high: float, signed: bool = Fals
     return f"{f(estimate)} [{f(low)}, {f(high)}]"
 
 
+def _answer_length(max_new_tokens: int | None) -> str:
+    if max_new_tokens is None:
+        return "each task's answer length in new tokens (RULER's tokens_to_generate)"
+    return f"{max_new_tokens} new tokens"
+
+
+def _n(s: dict) -> str:
+    """``n``, with the question rows behind it where a sample asked several questions."""
+    return str(s["n"]) if s["questions"] == s["n"] else f"{s['n']} ({s['questions']} q)"
+
+
 def _keep(s: dict) -> str:
     return "1 (full)" if s["keep"] is None else _fmt(s["keep"], 3).rstrip("0").rstrip(".")
 
@@ -257,7 +286,7 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         "",
         f"- model: `{metadata.get('model')}` on {metadata.get('device')}",
         f"- protocol: {metadata.get('protocol')}; seed {metadata.get('seed')}; "
-        f"greedy decoding, at most {metadata.get('max_new_tokens')} new tokens",
+        f"greedy decoding, at most {_answer_length(metadata.get('max_new_tokens'))}",
         f"- command: `{metadata.get('command')}`",
         f"- rows: {len(rows)}",
         "",
@@ -270,7 +299,9 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         "on the samples where the two differ agrees; otherwise there is no detectable "
         "difference at that n. `kept` and `target` are context tokens per layer and KV head; "
         "the target is floor(keep ratio x context) for every policy alike, and a cell more "
-        f"than {FAIRNESS_TOLERANCE:.0%} off it is unfair and not ranked.",
+        f"than {FAIRNESS_TOLERANCE:.0%} off it is unfair and not ranked. Where a sample asks "
+        "several questions over its context, n counts samples (`4 (12 q)`: 12 question rows) "
+        "and a sample's score is the mean over its questions.",
         "",
         f"| policy | task | length | keep | n | accuracy [{conf}] | vs full [{conf}] | verdict "
         f"vs full | vs {reference} [{conf}] | verdict vs {reference} | kept | target | fair |",
@@ -282,7 +313,7 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
             s["task"],
             str(s["length"]),
             _keep(s),
-            str(s["n"]),
+            _n(s),
             _with_interval(s["accuracy"], s["accuracy_low"], s["accuracy_high"]),
             _with_interval(s["vs_full"], s["vs_full_low"], s["vs_full_high"], signed=True),
             s["vs_full_verdict"] or "-",
@@ -303,11 +334,14 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         "per row in seconds: `compress` is the policy's scoring and selection, `decode` feeds "
         "the question and generates the answer (tok/s = answer tokens / decode s). With a shared "
         "prefill (`shared` = fraction of rows that used one) `prefill` is the one forward pass "
-        "all sharing policies of a sample started from, counted on each of their rows.",
+        "all sharing policies of a sample started from, counted on each of their rows. "
+        "`prefills` is the policy's prefills per sample (context): 1 where every question of a "
+        "sample was answered from one compressed cache (query-agnostic), one per question where "
+        "each question is part of its own prefill (question-aware).",
         "",
         "| policy | task | length | keep | KV MiB | peak KV MiB | prefill s | compress s "
-        "| decode s | decode tok/s | shared |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode s | decode tok/s | shared | prefills |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         cells = [
@@ -322,6 +356,7 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
             _fmt(s["decode_s"]),
             _fmt(s["decode_tok_s"], 1),
             _fmt(s["shared_prefill"]),
+            _fmt(s["prefills_per_sample"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

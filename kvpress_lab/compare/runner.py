@@ -7,6 +7,19 @@ row records the target and the actual kept tokens and every resolved policy para
 Speed: policies that compress in one step share one prefill per sample
 (:mod:`kvpress_lab.engine.shared`); block-wise policies run their own.
 
+Several questions over one context (a sample with ``questions``): under the query-agnostic
+protocol each policy prefills and compresses the context once and answers every question from a
+copy of that cache (:mod:`kvpress_lab.engine.questions`); under the question-aware protocol the
+question is part of the prefill, so each question runs as a sample of its own. Either way there
+is one row per question, and its ``prefills`` field counts the prefills that row ran (the first
+question's row 1, the rows answered from the same compressed cache 0), so summing it over a
+policy's rows gives the prefills that policy ran; ``questions_per_prefill`` says how many rows
+one prefill served.
+
+Answer length: ``max_new_tokens`` None lets each task say how long its answers are (RULER's
+``tokens_to_generate``, e.g. 120 tokens for ``cwe``); other tasks get
+``DEFAULTS["max_new_tokens"]``. A number overrides every task.
+
 Scale: rows are grouped per sample (so a sample's policies still share their prefill) and the
 groups are split round-robin between shards: ``shard=(i, n)``, or automatically between the
 processes of ``accelerate launch`` (see docs/scale.md).
@@ -200,12 +213,27 @@ def _count_tokens(tokenizer) -> Callable[[str], int]:
 
 
 @attrs.frozen
+class _Question:
+    """One question a group answers: its index in a multi-question sample (None for a
+    single-question one), the single-question sample scored against, and its prompt."""
+
+    index: int | None
+    sample: Any
+    segments: Any
+
+
+@attrs.frozen
 class _Group:
+    """One context and the questions answered over it in one go (one prefill per policy)."""
+
     task: str
     length: int
     index: int
-    sample: Any
-    segments: Any
+    sample: Any  # the (first) question's single-question sample
+    segments: Any  # the (first) question's prompt
+    questions: tuple[_Question, ...]
+    max_new_tokens: int
+    task_group: str | None = None
 
 
 def compare(
@@ -223,7 +251,7 @@ def compare(
     seed: int = DEFAULTS["seed"],
     query_agnostic: bool = False,
     out: str | os.PathLike | None = None,
-    max_new_tokens: int = DEFAULTS["max_new_tokens"],
+    max_new_tokens: int | None = None,
     shard: tuple[int, int] | None = None,
     share_prefill: bool = True,
     chat_template: bool = True,
@@ -237,6 +265,8 @@ def compare(
 ) -> CompareResult:
     """Run (or resume) a comparison and write its artifacts to ``out``.
 
+    ``max_new_tokens`` caps every answer; None (the default) takes each task's own answer length
+    (RULER's ``tokens_to_generate``) and ``DEFAULTS["max_new_tokens"]`` for tasks without one.
     ``lm`` injects an already loaded model (tests use tiny ones); otherwise ``model`` (None = the
     default SmolLM2) is loaded on ``device``. Returns the rows in ``out`` when done. Under
     ``accelerate launch`` with several processes each process runs its share and the main
@@ -251,13 +281,15 @@ def compare(
     refused unless ``extend`` adds this one to it. A cell whose plugin fails is stored as a
     failed row (``CompareResult.failed``), and every other cell still runs.
     """
-    from kvpress_lab.tasks import generate_samples, score
+    from kvpress_lab.tasks import TASK_GROUPS, expand_tasks, generate_samples, score
 
     registry = registry or default_registry()
     lengths = parse_lengths(list(lengths) if not isinstance(lengths, str) else lengths)
     keeps = parse_keeps(list(keeps) if not isinstance(keeps, str) else keeps)
     tasks = [os.fspath(t) for t in tasks]
     for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens)):
+        if value is None and name == "--max-new-tokens":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} {value!r} must be an integer >= 1")
     _check_tasks(tasks, samples)
@@ -315,30 +347,46 @@ def compare(
         if any(not _is_task_file(t) for t in tasks):  # --lengths applies to generated tasks
             for length in lengths:  # hopeless lengths fail before any sample is generated
                 check_prompt_fits(
-                    limit, model_name, length, 0, max_new_tokens, fix=_LENGTHS_FIX
+                    limit, model_name, length, 0, max_new_tokens or 1, fix=_LENGTHS_FIX
                 )  # fmt: skip
         tokenizer = load_tokenizer(source)
     else:
         limit, tokenizer = lm.max_positions, lm.tokenizer
     count = _count_tokens(tokenizer)
+    # a group name (``ruler``) runs as its tasks, each a task of its own in the rows and summary
+    member_of = {m: name for name in tasks if name in TASK_GROUPS for m in TASK_GROUPS[name]}
     groups: list[_Group] = []
-    for task in tasks:
+    for task in expand_tasks(tasks):
         for length in lengths:
             for i, sample in enumerate(generate_samples(task, length, samples, seed, count)):
-                segments = build_prompt(
-                    tokenizer, sample.context, sample.question, sample.answer_prefix,
-                    chat_template,
-                )  # fmt: skip
-                line = sample.meta.get("line")
-                check_prompt_fits(
-                    limit, model_name, segments.context_length, segments.question_length,
-                    max_new_tokens,
-                    fix=_LENGTHS_FIX if line is None
-                    else f"shorten the context of {task} line {line} to at most {{room}} tokens",
-                )  # fmt: skip
+                answer_tokens = _answer_tokens(sample, max_new_tokens)
+                questions = []
+                for q in sample.per_question():
+                    segments = build_prompt(
+                        tokenizer, q.context, q.question, q.answer_prefix, chat_template
+                    )  # fmt: skip
+                    line = sample.meta.get("line")
+                    check_prompt_fits(
+                        limit, model_name, segments.context_length, segments.question_length,
+                        answer_tokens,
+                        fix=_LENGTHS_FIX if line is None
+                        else f"shorten the context of {task} line {line} to at most {{room}} tokens",
+                    )  # fmt: skip
+                    index = q.meta.get("question_index") if sample.n_questions > 1 else None
+                    questions.append(_Question(index, q, segments))
                 for e in entries:
-                    _compose(e.policy, registry).budgeter.validate(segments.context_length)
-                groups.append(_Group(str(task), length, i, sample, segments))
+                    _compose(e.policy, registry).budgeter.validate(
+                        questions[0].segments.context_length
+                    )
+                # query-agnostic: one prefill serves every question; question-aware: one each
+                together = [questions] if query_agnostic else [[q] for q in questions]
+                for part in together:
+                    groups.append(
+                        _Group(
+                            str(task), length, i, part[0].sample, part[0].segments, tuple(part),
+                            answer_tokens, member_of.get(task),
+                        )
+                    )  # fmt: skip
 
     if lm is None:
         from kvpress_lab.models import load_model
@@ -409,29 +457,32 @@ def compare(
     mine = [g for j, g in enumerate(groups) if shard is None or j % shard[1] == shard[0]]
     target = out / RESULTS if shard is None else shard_path(out, shard)
     work = [
-        (g, [e for e in entries if _key(e, g) not in done]) for g in mine
+        (g, [e for e in entries if any(_key(e, g, q) not in done for q in g.questions)])
+        for g in mine
     ]  # fmt: skip
     work = [(g, pending) for g, pending in work if pending]
-    total = sum(len(p) for _, p in work)
+    total = sum(len(p) * len(g.questions) for g, p in work)
 
     ran = 0
     pages: dict[tuple[str, int, float], tuple[_Group, dict[str, Any]]] = {}
 
-    def store(g: _Group, e: Entry, result, shared: bool) -> None:
+    def store(g: _Group, e: Entry, q: _Question, result, shared: bool, prefills: int) -> None:
         nonlocal ran
-        row = _row(e, g, result, shared, protocol, seed, lm.name, score)
+        row = _row(e, g, q, result, shared, prefills, protocol, seed, lm.name, score)
+        if row["key"] in done:  # a multi-question sample rerun for its missing questions
+            return
         append_row(target, row)
         ran += 1
         if on_row is not None:
             on_row(row)
-        if html_sample is not None and g.index == html_sample:
+        if html_sample is not None and g.index == html_sample and not q.index:
             # the full row (keep None) belongs beside every keep ratio's policies
             for keep in [e.keep] if e.keep is not None else keeps:
                 pages.setdefault((g.task, g.length, keep), (g, {}))[1][e.spec] = result
 
-    def fail(g: _Group, e: Entry, exc: Exception) -> None:
+    def fail(g: _Group, e: Entry, q: _Question, exc: Exception) -> None:
         nonlocal ran
-        row = _failed_row(e, g, exc, registry, protocol, seed, lm.name)
+        row = _failed_row(e, g, q, exc, registry, protocol, seed, lm.name)
         append_row(target, row)
         ran += 1
         if on_row is not None:
@@ -440,10 +491,7 @@ def compare(
     try:
         with _progress(progress, total) as advance:
             for g, pending in work:
-                _run_group(
-                    lm, g, pending, share_prefill, query_agnostic, max_new_tokens, store, fail,
-                    advance,
-                )  # fmt: skip
+                _run_group(lm, g, pending, share_prefill, query_agnostic, store, fail, advance)
     except KeyboardInterrupt:
         print(
             f"kvlab compare: stopped; {ran} new row(s) saved in {target}. Run the same command "
@@ -497,13 +545,15 @@ def _invocations(old: dict | None) -> list[dict]:
     ]
 
 
-def _failed_row(e: Entry, g: _Group, exc: Exception, registry, protocol, seed, model) -> dict:
+def _failed_row(
+    e: Entry, g: _Group, q: _Question, exc: Exception, registry, protocol, seed, model
+) -> dict:
     """A cell whose plugin failed: its identity, the error in one line, and the traceback."""
     import traceback
 
     failure = attribute(exc, e.policy, registry)
     return {
-        "key": _key(e, g),
+        "key": _key(e, g, q),
         "failed": True,
         "error": failure.message() if failure is not None else describe_exception(exc),
         "plugin": failure.to_dict() if failure is not None else None,
@@ -515,7 +565,9 @@ def _failed_row(e: Entry, g: _Group, exc: Exception, registry, protocol, seed, m
         "task": g.task,
         "sample_id": g.sample.sample_id,
         "sample_index": g.index,
+        "question_index": q.index,
         "target_length": g.length,
+        "task_group": g.task_group,
         "protocol": protocol,
         "seed": seed,
         "model": model,
@@ -583,30 +635,63 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _key(e: Entry, g: _Group) -> str:
-    return row_key(e.spec, e.params, g.task, g.length, e.keep, g.sample.sample_id)
+def _key(e: Entry, g: _Group, q: _Question) -> str:
+    """A row's identity; the questions of a multi-question sample are ``<sample id>#q<i>``."""
+    sample = g.sample.sample_id if q.index is None else f"{g.sample.sample_id}#q{q.index}"
+    return row_key(e.spec, e.params, g.task, g.length, e.keep, sample)
 
 
-def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, store, fail, advance):
+def _answer_tokens(sample, override: int | None) -> int:
+    """The answer length of a sample: the override, else its task's, else the default."""
+    if override is not None:
+        return override
+    own = sample.meta.get("tokens_to_generate")
+    return int(own) if own is not None else int(DEFAULTS["max_new_tokens"])
+
+
+def _run_group(lm, g: _Group, pending, share, query_agnostic, store, fail, advance):
     """Run one sample's pending policies: sharers over one prefill, the rest one by one.
 
-    A policy whose plugin raises is handed to ``fail`` (a failed row) and the others go on: when a
-    shared prefill fails, the policies it had not finished run one by one.
+    A group of several questions (query-agnostic) runs each policy's prefill once and answers
+    every question from it. A policy whose plugin raises is handed to ``fail`` (a failed row)
+    and the others go on: when a shared prefill fails, the policies it had not finished run one
+    by one.
     """
     from kvpress_lab.engine.api import run_segments
+    from kvpress_lab.engine.questions import answer_questions
     from kvpress_lab.engine.shared import can_share_prefill, run_shared
 
-    L = g.segments.context_length
+    where = f"{g.task} {g.length} #{g.index}"
+    if len(g.questions) > 1:
+        n = len(g.questions)
+        for e in pending:
+            advance(f"{where}: {e.spec} @ {e.keep}, {n} questions", 0)
+            try:
+                answers = answer_questions(
+                    lm, e.policy, [q.segments for q in g.questions], max_new_tokens=g.max_new_tokens
+                )  # fmt: skip
+            except Exception as exc:
+                for q in g.questions:
+                    fail(g, e, q, exc)
+            else:
+                # the first question's row carries the prefill, the others were answered from it
+                prefills = [answers.prefills] + [0] * (n - 1)
+                for q, result, count in zip(g.questions, answers.results, prefills, strict=True):
+                    store(g, e, q, result, False, count)
+            advance(f"{where}: {e.spec} @ {e.keep}, {n} questions", n)
+        return
+    (q,) = g.questions
+    L = q.segments.context_length
     sharers = [e for e in pending if share and can_share_prefill(e.policy.compose(), L)]
     alone = [e for e in pending if e not in sharers]
     if len(sharers) >= 2:
-        advance(f"{g.task} {g.length} #{g.index}: shared prefill ({len(sharers)} policies)", 0)
+        advance(f"{where}: shared prefill ({len(sharers)} policies)", 0)
         results = run_shared(
             lm,
             [e.policy for e in sharers],
-            g.segments,
+            q.segments,
             query_agnostic=query_agnostic,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=g.max_new_tokens,
         )
         done = 0
         while done < len(sharers):
@@ -616,54 +701,63 @@ def _run_group(lm, g: _Group, pending, share, query_agnostic, max_new_tokens, st
                 # which sharer failed is ambiguous (one forward pass, shared plugin classes):
                 # the rest run alone, where a failure belongs to exactly one policy
                 print(
-                    f"kvlab compare: the shared prefill of {g.task} {g.length} #{g.index} failed "
+                    f"kvlab compare: the shared prefill of {where} failed "
                     f"({describe_exception(exc)}); its {len(sharers) - done} remaining "
                     "policies run one by one",
                     file=sys.stderr,
                 )
                 break
-            store(g, sharers[done], result, True)
-            advance(
-                f"{g.task} {g.length} #{g.index}: {sharers[done].spec} @ {sharers[done].keep}", 1
-            )
+            store(g, sharers[done], q, result, True, 1)
+            advance(f"{where}: {sharers[done].spec} @ {sharers[done].keep}", 1)
             done += 1
         sharers = sharers[done:]
     alone = sharers + alone
     for e in alone:
-        advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 0)
+        advance(f"{where}: {e.spec} @ {e.keep}", 0)
         try:
             result = run_segments(
                 lm,
                 e.policy,
-                g.segments,
+                q.segments,
                 query_agnostic=query_agnostic,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=g.max_new_tokens,
             )
         except Exception as exc:
-            fail(g, e, exc)
+            fail(g, e, q, exc)
         else:
-            store(g, e, result, False)
-        advance(f"{g.task} {g.length} #{g.index}: {e.spec} @ {e.keep}", 1)
+            store(g, e, q, result, False, 1)
+        advance(f"{where}: {e.spec} @ {e.keep}", 1)
 
 
-def _row(e: Entry, g: _Group, result, shared: bool, protocol, seed, model, score) -> dict:
+# sample facts a row repeats, so the results say which background text or haystack was used
+_SAMPLE_FACTS = ("background", "note", "haystack")
+
+
+def _row(
+    e: Entry, g: _Group, q: _Question, result, shared: bool, prefills: int, protocol, seed,
+    model, score,
+) -> dict:  # fmt: skip
     n_answer = len(result.answer_token_ids)
+    sample = q.sample
     return {
-        "key": _key(e, g),
+        "key": _key(e, g, q),
         "spec": e.spec,
         "policy": e.policy.name,
         "params": e.params,
         "keep_ratio": e.keep,
         "task": g.task,
-        "sample_id": g.sample.sample_id,
+        "task_group": g.task_group,
+        "sample_id": sample.sample_id,
         "sample_index": g.index,
+        "question_index": q.index,
+        "questions": sample.meta.get("n_questions", 1),
         "target_length": g.length,
         "prompt_tokens": result.context_tokens,
         "question_tokens": len(result.question_token_ids),
         "prediction": result.answer,
-        "references": list(g.sample.answers),
-        "metric": g.sample.metric,
-        "score": float(score(g.sample, result.answer)),
+        "references": list(sample.answers),
+        "metric": sample.metric,
+        "score": float(score(sample, result.answer)),
         "kept_tokens": result.kept_tokens,
         # fairness is judged against the plain budget, never against a policy's own prediction
         "target_tokens": budget_tokens(result.context_tokens, e.policy.keep_ratio, e.policy.budget),
@@ -678,8 +772,12 @@ def _row(e: Entry, g: _Group, result, shared: bool, protocol, seed, model, score
         "decode_tokens_per_s": round(n_answer / result.decode_s, 3)
         if result.decode_s > 0
         else None,
+        "max_new_tokens": g.max_new_tokens,
         "blocks": result.blocks,
         "shared_prefill": shared,
+        "prefills": prefills,
+        "questions_per_prefill": len(g.questions),
+        **{k: jsonable(sample.meta[k]) for k in _SAMPLE_FACTS if k in sample.meta},
         "protocol": protocol,
         "seed": seed,
         "model": model,

@@ -29,8 +29,36 @@ LENGTH_TOLERANCE = 0.02
 
 
 @attrs.frozen
+class Question:
+    """One question over a sample's context, with its own references and answer prefix."""
+
+    question: str
+    answers: tuple[str, ...]
+    answer_prefix: str = ""
+    labels: tuple[str, ...] = ()
+
+
+def _check_questions(sample: Sample, attribute: attrs.Attribute, value: tuple) -> None:
+    if not value:
+        return
+    first = value[0]
+    own = (sample.question, sample.answers, sample.answer_prefix, sample.labels)
+    if (first.question, first.answers, first.answer_prefix, first.labels) != own:
+        raise InputError(
+            f"sample {sample.sample_id!r}: its question, answers, answer_prefix and labels must be "
+            "those of questions[0]; build it with Sample.from_questions(...)"
+        )
+
+
+@attrs.frozen
 class Sample:
-    """One evaluation example: a long context, a question and the reference answers."""
+    """One evaluation example: a long context, a question and the reference answers.
+
+    A sample may ask several questions over one context (``questions``, at least two; the
+    sample's own ``question``, ``answers``, ``answer_prefix`` and ``labels`` are then those of
+    the first). :meth:`per_question` splits it into one single-question sample per question, all
+    with the same context and ``sample_id``; a single-question sample splits into itself.
+    """
 
     task: str
     context: str
@@ -41,6 +69,45 @@ class Sample:
     labels: tuple[str, ...] = ()
     sample_id: str = ""
     meta: dict = attrs.field(factory=dict, hash=False)
+    questions: tuple[Question, ...] = attrs.field(default=(), validator=_check_questions)
+
+    @classmethod
+    def from_questions(cls, questions: tuple[Question, ...] | list[Question], **fields) -> Sample:
+        """A sample asking every one of ``questions`` (in order) over one context."""
+        questions = tuple(questions)
+        if not questions:
+            raise InputError("a sample needs at least one question")
+        first = questions[0]
+        return cls(
+            question=first.question,
+            answers=first.answers,
+            answer_prefix=first.answer_prefix,
+            labels=first.labels,
+            questions=questions if len(questions) > 1 else (),
+            **fields,
+        )
+
+    @property
+    def n_questions(self) -> int:
+        """How many questions the sample asks over its context."""
+        return max(1, len(self.questions))
+
+    def per_question(self) -> list[Sample]:
+        """One single-question sample per question (``meta["question_index"]`` says which)."""
+        if not self.questions:
+            return [self]
+        return [
+            attrs.evolve(
+                self,
+                question=q.question,
+                answers=q.answers,
+                answer_prefix=q.answer_prefix,
+                labels=q.labels,
+                questions=(),
+                meta={**self.meta, "question_index": i, "n_questions": len(self.questions)},
+            )
+            for i, q in enumerate(self.questions)
+        ]
 
 
 class SampleGenerator(Protocol):

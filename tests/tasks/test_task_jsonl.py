@@ -79,7 +79,8 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     bad = {"context": "c", "question": "q"}
     message = _error(tmp_path, [json.dumps(GOOD), json.dumps(GOOD), json.dumps(bad)])
     assert message == (
-        "data.jsonl line 3: missing field 'answers' (each line needs context, question, answers)"
+        "data.jsonl line 3: missing field 'answers' (each line needs context, question and "
+        "answers, or context and a questions list)"
     )
     message = _error(tmp_path, [json.dumps({"question": "q", "answers": ["a"]})])
     assert message.startswith("data.jsonl line 1: missing field 'context'")
