@@ -40,6 +40,7 @@ def test_redirected_output_keeps_table_rows_whole_and_ends_with_the_hint(
         assert row in printed.splitlines()  # printed whole, on one line
     last = printed.strip().splitlines()[-1]
     assert last.startswith("Tighter intervals: the widest 95% interval here is +/-")
+    assert printed.count("Tighter intervals:") == 1  # summary.md holds it too: printed once
     assert f"--samples 8 and --out {out} --extend" in last
 
     # the hint's command works: 2 more samples per cell run, the first 2 are reused
@@ -61,3 +62,12 @@ def test_defaults_run_laserkv_past_its_block_size_on_enough_samples():
     assert parse_lengths(args.lengths) == list(DEFAULTS["lengths"])
     assert parse_keeps(args.keep) == list(DEFAULTS["keeps"])
     assert args.samples == DEFAULTS["samples"]
+
+
+def test_help_names_the_ruler_suite_and_per_task_answer_lengths(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "`ruler` (all 13 RULER tasks, summarized per task and as a group)" in text
+    assert "`ruler:<task>` (e.g. ruler:niah_single_1, ruler:cwe, ruler:qa_1)" in text
+    assert "RULER's tokens_to_generate such as 120 for ruler:cwe" in text

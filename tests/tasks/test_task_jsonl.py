@@ -133,3 +133,76 @@ def test_missing_file_names_the_path(tmp_path):
         generate_samples(str(path), 1000, 1, 0, words)
     assert str(path) in str(err.value)
     assert "does not exist" in str(err.value)
+
+
+MULTI = {
+    "context": "Ada lives in Lisbon. The vault code is 4411.",
+    "answer_prefix": "Answer:",
+    "questions": [
+        {"question": "Where does Ada live?", "answer": "Lisbon"},
+        {"question": "What is the code?", "answers": ["4411", "four four one one"],
+         "answer_prefix": "The code is"},
+    ],
+}  # fmt: skip
+
+
+def test_a_questions_list_is_one_sample_with_several_questions(tmp_path):
+    path = write_lines(tmp_path / "multi.jsonl", [json.dumps(MULTI), json.dumps(GOOD)])
+    multi, single = generate_samples(str(path), 1000, 5, 0, words)
+    assert multi.n_questions == 2 and single.n_questions == 1
+    assert single.per_question() == [single]  # single-question samples are unchanged
+    first, second = multi.per_question()
+    assert (first.question, first.answers) == ("Where does Ada live?", ("Lisbon",))
+    assert first.answer_prefix == "Answer:"  # the line's prefix where the item has none
+    assert second.answers == ("4411", "four four one one")
+    assert second.answer_prefix == "The code is"
+    for i, q in enumerate((first, second)):
+        assert q.context == MULTI["context"] and q.sample_id == "multi-1"
+        assert q.meta["question_index"] == i and q.meta["n_questions"] == 2
+        assert q.metric == "string_match_part" and q.n_questions == 1
+    # the sample's own question is the first one
+    assert (multi.question, multi.answers) == (first.question, first.answers)
+    assert score(first, "Lisbon.") == 1.0 and score(second, "It is 4411") == 1.0
+    assert score(second, "Lisbon") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"question": "q"}, "give either 'question' and 'answers' (one question) or 'questions'"),
+        ({"questions": []}, "field 'questions' must be a non-empty list of objects like "
+         '{"question": "...", "answers": ["..."]}, got an empty list'),
+        ({"questions": {"question": "q"}}, "field 'questions' must be a non-empty list of "
+         'objects like {"question": "...", "answers": ["..."]}, got dict'),
+        ({"questions": ["Where?"]}, "questions[0]: expected an object like "
+         '{"question": "...", "answers": ["..."]}, got str'),
+        ({"questions": [{"answer": "x"}]}, "questions[0]: missing field 'question'; write each "
+         'item as {"question": "...", "answers": ["..."]}'),
+        ({"questions": [{"question": "q", "answer": "x"}, {"question": "q"}]},
+         "questions[1]: give exactly one of 'answers' (a list of strings) or 'answer' (a string)"),
+        ({"questions": [{"question": "q", "answer": "x", "answers": ["x"]}]},
+         "questions[0]: give exactly one of 'answers'"),
+        ({"questions": [{"question": "q", "answers": [3]}]},
+         "questions[0]: field 'answers' must be a list of strings, got a list holding int"),
+        ({"questions": [{"question": "q", "answer": 3}]},
+         "questions[0]: field 'answer' must be a string, got int"),
+        ({"questions": [{"question": " ", "answer": "x"}]},
+         "questions[0]: field 'question' is empty"),
+        ({"questions": [{"question": "q", "answers": ["x"], "hint": "h"}]},
+         "questions[0]: unknown field(s) 'hint'; an item holds question, answers (or answer)"),
+    ],
+)  # fmt: skip
+def test_malformed_questions_name_the_line_the_item_and_the_fix(tmp_path, change, expected):
+    record = {**MULTI, **change}
+    message = _error(tmp_path, [json.dumps(GOOD), json.dumps(record)])
+    assert message.startswith("data.jsonl line 2: " + expected), message
+
+
+def test_a_sample_s_own_question_must_be_its_first():
+    from kvpress_lab.tasks.base import Question, Sample
+
+    qs = (Question("A?", ("a",)), Question("B?", ("b",)))
+    ok = Sample.from_questions(qs, task="t", context="c", sample_id="s")
+    assert [q.question for q in ok.per_question()] == ["A?", "B?"]
+    with pytest.raises(InputError, match="sample 's': its question, answers, answer_prefix"):
+        Sample(task="t", context="c", question="B?", answers=("b",), sample_id="s", questions=qs)
