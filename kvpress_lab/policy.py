@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import attrs
 
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import Budgeter, Scorer, Selector
+
+# the shared validators live in kvpress_lab.validators; re-exported here for existing imports
+from kvpress_lab.validators import check_keep_ratio, positive_int
 
 __all__ = [
     "Composition",
@@ -29,23 +32,7 @@ __all__ = [
 PositionMode = Literal["original", "contiguous"]
 
 
-def check_keep_ratio(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
-    """attrs validator: keep_ratio must lie in (0, 1]."""
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise ConfigError(
-            f"{attribute.name}={value!r} is invalid: it must be a number in (0, 1], "
-            "the fraction of context tokens kept (e.g. keep_ratio=0.25)"
-        )
-
-
-def positive_int(instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
-    """attrs validator: an integer >= 1 (None allowed where the field is optional)."""
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 1")
+T = TypeVar("T")
 
 
 def budget_tokens(context_length: int, keep_ratio: float | None, budget: int | None) -> int:
@@ -109,6 +96,9 @@ class Policy(ABC):
     """
 
     name: ClassVar[str]
+    # plugin class -> ({plugin field: policy parameter}, {plugin field: constant}) for the
+    # plugins whose parameters the policy exposes (set by kvpress_lab.params.policy_with)
+    exposed_plugins: ClassVar[Mapping[type, tuple[Mapping[str, str], Mapping[str, Any]]]] = {}
     keep_ratio: float | None = attrs.field(default=0.5, validator=check_keep_ratio)
     budget: int | None = attrs.field(default=None, validator=positive_int)
 
@@ -128,6 +118,23 @@ class Policy(ABC):
     @abstractmethod
     def compose(self) -> Composition:
         """Build the plugins this policy runs."""
+
+    def build(self, plugin: type[T], **values: Any) -> T:
+        """``plugin`` configured from this policy's parameters.
+
+        Passes the parameters the policy exposes from ``plugin`` (see
+        :func:`kvpress_lab.params.policy_with`) and, for a plugin it does not expose, the fields
+        it shares with this base class (a budgeter's ``keep_ratio`` and ``budget``); ``values``
+        go on top, e.g. ``self.build(SinkWindowBudgeter, sinks=self.n_sink)``.
+        """
+        entry = self.exposed_plugins.get(plugin)
+        if entry is None:
+            names = {f.name for f in attrs.fields(plugin) if f.init} if attrs.has(plugin) else ()
+            shared = [f.name for f in attrs.fields(Policy) if f.name in names]
+            entry = ({name: name for name in shared}, {})
+        mapping, fixed = entry
+        kwargs = {field: getattr(self, name) for field, name in mapping.items()}
+        return plugin(**{**kwargs, **fixed, **values})
 
     def params(self) -> dict[str, Any]:
         """Resolved hyperparameters, for result records."""

@@ -66,28 +66,26 @@ policy. (The formula alone would not: at ``r=1`` ``B = 2SL/(S+L) < L`` whenever 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import attrs
 
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Allocation, Budgeter, StepLayout
-from kvpress_lab.policy import budget_tokens, check_keep_ratio, positive_int
+from kvpress_lab.policy import budget_tokens
+from kvpress_lab.validators import check_keep_ratio, int_at_least, positive_int
 
 __all__ = ["AccumulativeBudgeter", "BlockBudget", "check_divisor"]
 
 Mode = Literal["accumulate", "recursive"]
 
 
-def check_divisor(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    """attrs validator: the protection divisor n must be an integer > 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 1:
-        raise ConfigError(
-            f"{attribute.name}={value!r} is invalid: it must be an integer > 1 (anchors and the "
-            "local window each take B // n of the per-block budget B, so n <= 1 leaves no room "
-            "for selected tokens)"
-        )
+check_divisor = int_at_least(
+    2,
+    "anchors and the local window each take B // n of the per-block budget B, so n <= 1 leaves "
+    "no room for selected tokens",
+)
 
 
 @attrs.frozen

@@ -41,15 +41,11 @@ import torch
 
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
-from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
-from kvpress_lab.policy import Composition, Policy, positive_int
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 0")
+from kvpress_lab.params import policy_with
+from kvpress_lab.policy import Composition
+from kvpress_lab.validators import non_negative_int, positive_int
 
 
 def averaged_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -110,7 +106,7 @@ class ExpectedAttentionScorer(Scorer):
 
     name: ClassVar[str] = "expected_attention"
     n_future_positions: int = attrs.field(default=512, validator=positive_int)
-    n_sink: int = attrs.field(default=4, validator=_non_negative)
+    n_sink: int = attrs.field(default=4, validator=non_negative_int)
     use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     use_vnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     epsilon: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
@@ -159,30 +155,15 @@ class ExpectedAttentionScorer(Scorer):
 
 
 @attrs.define(kw_only=True)
-class ExpectedAttentionPolicy(Policy):
-    """Expected Attention (kvpress defaults), one-shot, per KV head."""
+class ExpectedAttentionPolicy(policy_with(ExpectedAttentionScorer)):
+    """Expected Attention (kvpress defaults), one-shot, per KV head; the scorer's parameters."""
 
     name: ClassVar[str] = "expected_attention"
-    n_future_positions: int = attrs.field(default=512, validator=positive_int)
-    n_sink: int = attrs.field(default=4, validator=_non_negative)
-    use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    use_vnorm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    epsilon: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, sinks=self.n_sink
-            ),
-            scorers={
-                "main": ExpectedAttentionScorer(
-                    n_future_positions=self.n_future_positions,
-                    n_sink=self.n_sink,
-                    use_covariance=self.use_covariance,
-                    use_vnorm=self.use_vnorm,
-                    epsilon=self.epsilon,
-                )
-            },
+            budgeter=self.build(SinkWindowBudgeter, sinks=self.n_sink),
+            scorers={"main": self.build(ExpectedAttentionScorer)},
             selector=TopKSelector(scorer="main", granularity="head"),
         )
 

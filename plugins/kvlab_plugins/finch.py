@@ -32,14 +32,8 @@ import torch
 from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Allocation, Budgeter, LayerObservation, Scorer, StepLayout
-from kvpress_lab.policy import (
-    Composition,
-    EngineOptions,
-    Policy,
-    budget_tokens,
-    check_keep_ratio,
-    positive_int,
-)
+from kvpress_lab.policy import Composition, EngineOptions, Policy, budget_tokens
+from kvpress_lab.validators import check_keep_ratio, positive_int
 
 
 def finch_layer_scores(attn: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
@@ -113,7 +107,7 @@ class FinchPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=FinchChunkBudgeter(keep_ratio=self.keep_ratio, budget=self.budget),
+            budgeter=self.build(FinchChunkBudgeter),
             scorers={"main": FinchScorer()},
             selector=TopKSelector(scorer="main", granularity="layer"),
             engine=EngineOptions(block_size=self.block_size, position_mode="contiguous"),

@@ -21,7 +21,7 @@ class FullPolicy(Policy):
     budget: int | None = attrs.field(default=None, init=False)
 
     def compose(self) -> Composition:
-        return Composition(budgeter=SinkWindowBudgeter(keep_ratio=1.0), selector=RecencySelector())
+        return Composition(budgeter=self.build(SinkWindowBudgeter), selector=RecencySelector())
 
 
 @hookimpl

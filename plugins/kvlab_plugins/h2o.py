@@ -28,18 +28,15 @@ import torch
 
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
-from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import KVCacheView, LayerObservation, Scorer, StepLayout
-from kvpress_lab.policy import Composition, Policy, positive_int
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition
+from kvpress_lab.validators import positive_int, unit_interval
 
-
-def _recent_fraction(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise ConfigError(
-            f"{attribute.name}={value!r} is invalid: it must be a number in [0, 1], the share of "
-            "the budget given to the most recent tokens (H2O: 0.5)"
-        )
+check_recent_fraction = unit_interval(
+    "the share of the budget given to the most recent tokens (H2O: 0.5)"
+)
 
 
 def accumulated_attention(obs: Any, query_block: int) -> torch.Tensor:
@@ -169,8 +166,8 @@ class H2ODecodeEvictor:
     """Starts an :class:`H2OEviction` over the compressed cache, seeded with prefill scores."""
 
     scorer: H2OScorer
-    recent_fraction: float = 0.5
-    query_block: int = 256
+    recent_fraction: float = attrs.field(default=0.5, validator=check_recent_fraction)
+    query_block: int = attrs.field(default=256, validator=positive_int)
 
     def start(self, lm, state) -> H2OEviction:
         scores = self.scorer.kept_scores(state.context_index)  # [Ly, H, k]
@@ -187,32 +184,27 @@ class H2ODecodeEvictor:
 
 
 @attrs.define(kw_only=True)
-class H2OPolicy(Policy):
+class H2OPolicy(
+    policy_with(
+        Expose(H2ODecodeEvictor, only=("recent_fraction", "query_block")),
+        Expose(H2OScorer, share="query_block"),
+    )
+):
     """H2O: heavy hitters + recent window, per KV head, one-shot after prefill.
 
-    ``decode_eviction=True`` is the faithful variant (cache held at ``C`` while decoding).
+    ``recent_fraction`` (the decode evictor's) also sizes the prefill recent window;
+    ``query_block`` feeds the decode evictor and the scorer. ``decode_eviction=True`` is the
+    faithful variant (cache held at ``C`` while decoding).
     """
 
     name: ClassVar[str] = "h2o"
-    recent_fraction: float = attrs.field(default=0.5, validator=_recent_fraction)
     decode_eviction: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    query_block: int = attrs.field(default=256, validator=positive_int)
 
     def compose(self) -> Composition:
-        scorer = H2OScorer(query_block=self.query_block)
-        evictor = (
-            H2ODecodeEvictor(
-                scorer=scorer, recent_fraction=self.recent_fraction, query_block=self.query_block
-            )
-            if self.decode_eviction
-            else None
-        )
+        scorer = self.build(H2OScorer)
+        evictor = self.build(H2ODecodeEvictor, scorer=scorer) if self.decode_eviction else None
         return Composition(
-            budgeter=SinkWindowBudgeter(
-                keep_ratio=self.keep_ratio,
-                budget=self.budget,
-                window_fraction=self.recent_fraction,
-            ),
+            budgeter=self.build(SinkWindowBudgeter, window_fraction=self.recent_fraction),
             scorers={"main": scorer},
             selector=TopKSelector(scorer="main", granularity="head"),
             decode_evictor=evictor,

@@ -28,16 +28,14 @@ from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import ScoreSource, Selector
 from kvpress_lab.selection import reduce_scores, topk_candidates
+from kvpress_lab.validators import unit_interval
 
 __all__ = ["HybridSelector", "check_alpha"]
 
 
-def check_alpha(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise ConfigError(
-            f"{attribute.name}={value!r} is invalid: it must be a number in [0, 1], the share of "
-            "selected tokens chosen by exact attention (1 = exact only, 0 = LSH only)"
-        )
+check_alpha = unit_interval(
+    "the share of selected tokens chosen by exact attention (1 = exact only, 0 = LSH only)"
+)
 
 
 @attrs.define(kw_only=True)

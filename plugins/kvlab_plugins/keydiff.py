@@ -77,7 +77,7 @@ class KeyDiffPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(keep_ratio=self.keep_ratio, budget=self.budget),
+            budgeter=self.build(SinkWindowBudgeter),
             scorers={"main": KeyDiffScorer()},
             selector=TopKSelector(scorer="main", granularity="head"),
         )

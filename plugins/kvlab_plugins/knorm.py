@@ -61,7 +61,7 @@ class KnormPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(keep_ratio=self.keep_ratio, budget=self.budget),
+            budgeter=self.build(SinkWindowBudgeter),
             scorers={"main": KnormScorer()},
             selector=TopKSelector(scorer="main", granularity="head"),
         )

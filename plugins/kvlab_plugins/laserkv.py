@@ -16,83 +16,57 @@ Ablations: ``alpha=1`` (exact only), ``alpha=0`` (LSH only), ``lookback=false``,
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import attrs
 
-from kvlab_plugins.accumulative import AccumulativeBudgeter, Mode, check_divisor
+from kvlab_plugins.accumulative import AccumulativeBudgeter
 from kvlab_plugins.exact import ExactScorer
-from kvlab_plugins.hybrid import HybridSelector, check_alpha
-from kvlab_plugins.lsh_scorer import LSHScorer, Vectors, check_bits, check_tables
+from kvlab_plugins.hybrid import HybridSelector
+from kvlab_plugins.lsh_scorer import LSHScorer
 from kvpress_lab.hookspecs import hookimpl
-from kvpress_lab.policy import Composition, EngineOptions, Policy, check_keep_ratio, positive_int
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition, EngineOptions
 
 __all__ = ["LaserKVPolicy"]
 
+# the LSH scorer's fields carry an ``lsh_`` prefix (its ``mode`` would collide with the
+# budgeter's); ``seed`` keeps its name
+_LSH_NAMES = {
+    "mode": "lsh_mode",
+    "vectors": "lsh_vectors",
+    "n_bits": "lsh_bits",
+    "n_tables": "lsh_tables",
+}
+
 
 @attrs.define(kw_only=True)
-class LaserKVPolicy(Policy):
+class LaserKVPolicy(
+    policy_with(
+        AccumulativeBudgeter,
+        Expose(HybridSelector, only=("alpha", "redistribute")),
+        Expose(LSHScorer, rename=_LSH_NAMES),
+        defaults={"keep_ratio": 0.25},
+    )
+):
     """LASER-KV (arXiv 2602.02199): accumulative block budget + exact/LSH hybrid selection.
 
-    Args:
-        keep_ratio: fraction of context tokens kept, in (0, 1] (or give ``budget`` in tokens).
-        block_size: S, prefill block length.
-        protection_divisor: n > 1; anchors and local window are ``B // n`` tokens each.
-        alpha: share of each block's selection made by exact attention, in [0, 1].
-        lsh_mode: "magicpig" (collision probability, the paper's choice) or "frequency_rank".
-        lsh_vectors: "key" (last-layer keys vs question keys) or "query" (question queries).
-        lsh_bits, lsh_tables: SimHash K bits per table and T tables.
-        seed: seed of the SimHash projection.
-        mode: "accumulate" (append-only cache) or "recursive" (cache rebuilt, bounded at B).
-        lookback: re-score the previous block's tail with the next block.
-        redistribute: hand LSH slots it cannot fill on merit to exact attention.
+    Parameters, declared by the plugins: the ``accumulative`` budgeter's ``block_size`` (S),
+    ``protection_divisor`` (n), ``mode`` and ``lookback``; the ``hybrid`` selector's ``alpha`` and
+    ``redistribute``; the ``lsh`` scorer's ``mode``, ``vectors``, ``n_bits``, ``n_tables`` as
+    ``lsh_mode``, ``lsh_vectors``, ``lsh_bits``, ``lsh_tables``, and its ``seed``.
     """
 
     name: ClassVar[str] = "laserkv"
-    keep_ratio: float | None = attrs.field(default=0.25, validator=check_keep_ratio)
-    budget: int | None = attrs.field(default=None, validator=positive_int)
-    block_size: int = attrs.field(default=4096, validator=positive_int)
-    protection_divisor: int = attrs.field(default=4, validator=check_divisor)
-    alpha: float = attrs.field(default=0.75, validator=check_alpha)
-    lsh_mode: Literal["magicpig", "frequency_rank"] = attrs.field(
-        default="magicpig", validator=attrs.validators.in_(("magicpig", "frequency_rank"))
-    )
-    lsh_vectors: Vectors = attrs.field(
-        default="key", validator=attrs.validators.in_(("key", "query"))
-    )
-    lsh_bits: int = attrs.field(default=10, validator=check_bits)
-    lsh_tables: int = attrs.field(default=8, validator=check_tables)
-    seed: int = 0
-    mode: Mode = attrs.field(
-        default="accumulate", validator=attrs.validators.in_(("accumulate", "recursive"))
-    )
-    lookback: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-    redistribute: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def budgeter(self) -> AccumulativeBudgeter:
-        return AccumulativeBudgeter(
-            keep_ratio=self.keep_ratio,
-            budget=self.budget,
-            block_size=self.block_size,
-            protection_divisor=self.protection_divisor,
-            mode=self.mode,
-            lookback=self.lookback,
-        )
+        return self.build(AccumulativeBudgeter)
 
     def compose(self) -> Composition:
         return Composition(
             budgeter=self.budgeter(),
-            scorers={
-                "exact": ExactScorer(),
-                "lsh": LSHScorer(
-                    mode=self.lsh_mode,
-                    vectors=self.lsh_vectors,
-                    n_bits=self.lsh_bits,
-                    n_tables=self.lsh_tables,
-                    seed=self.seed,
-                ),
-            },
-            selector=HybridSelector(alpha=self.alpha, redistribute=self.redistribute),
+            scorers={"exact": ExactScorer(), "lsh": self.build(LSHScorer)},
+            selector=self.build(HybridSelector),
             engine=EngineOptions(block_size=self.block_size, position_mode="original"),
         )
 

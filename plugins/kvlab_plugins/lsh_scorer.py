@@ -38,10 +38,12 @@ from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
 from kvpress_lab.ops.lsh import LSH_MODES, lsh_rank, simhash_projection
+from kvpress_lab.validators import positive_int
 
-__all__ = ["LSHScorer", "check_bits", "check_tables"]
+__all__ = ["LSHScorer", "check_bits"]
 
 Vectors = Literal["key", "query"]
+Mode = Literal["magicpig", "frequency_rank"]
 
 
 def check_bits(instance, attribute, value) -> None:
@@ -49,20 +51,15 @@ def check_bits(instance, attribute, value) -> None:
         raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer in 1..62")
 
 
-def check_tables(instance, attribute, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 1")
-
-
 @attrs.define(kw_only=True)
 class LSHScorer(Scorer):
     """SimHash ranking of candidates against the question (see module docstring)."""
 
     name: ClassVar[str] = "lsh"
-    mode: str = attrs.field(default="magicpig", validator=attrs.validators.in_(LSH_MODES))
+    mode: Mode = attrs.field(default="magicpig", validator=attrs.validators.in_(LSH_MODES))
     vectors: Vectors = attrs.field(default="key", validator=attrs.validators.in_(("key", "query")))
     n_bits: int = attrs.field(default=10, validator=check_bits)
-    n_tables: int = attrs.field(default=8, validator=check_tables)
+    n_tables: int = attrs.field(default=8, validator=positive_int)
     seed: int = 0
     _projection: torch.Tensor | None = attrs.field(default=None, init=False, repr=False, eq=False)
 

@@ -16,7 +16,8 @@ import torch
 
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Allocation, Budgeter, StepLayout
-from kvpress_lab.policy import budget_tokens, check_keep_ratio, positive_int
+from kvpress_lab.policy import budget_tokens
+from kvpress_lab.validators import check_keep_ratio, positive_int
 
 
 @attrs.define(kw_only=True)

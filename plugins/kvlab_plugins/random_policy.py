@@ -12,8 +12,8 @@ from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Scorer, StepLayout
-from kvpress_lab.policy import Composition, Policy
-from kvpress_lab.selection import Granularity
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition
 
 
 @attrs.define(kw_only=True)
@@ -35,20 +35,19 @@ class RandomScorer(Scorer):
 
 
 @attrs.define(kw_only=True)
-class RandomPolicy(Policy):
-    """Keeps a random subset of ``keep_ratio`` of the context; reproducible by ``seed``."""
+class RandomPolicy(policy_with(RandomScorer, Expose(TopKSelector, only="granularity"))):
+    """Keeps a random subset of ``keep_ratio`` of the context; reproducible by ``seed``.
+
+    ``seed`` is the scorer's, ``granularity`` the selector's.
+    """
 
     name: ClassVar[str] = "random"
-    seed: int = 0
-    granularity: Granularity = attrs.field(
-        default="head", validator=attrs.validators.in_(("global", "layer", "head"))
-    )
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(keep_ratio=self.keep_ratio, budget=self.budget),
-            scorers={"main": RandomScorer(seed=self.seed)},
-            selector=TopKSelector(granularity=self.granularity),
+            budgeter=self.build(SinkWindowBudgeter),
+            scorers={"main": self.build(RandomScorer)},
+            selector=self.build(TopKSelector),
         )
 
 

@@ -12,20 +12,10 @@ from typing import ClassVar
 import attrs
 import torch
 
-from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Allocation, Budgeter, StepLayout
-from kvpress_lab.policy import budget_tokens, check_keep_ratio, positive_int
-
-
-def _fraction(instance, attribute, value):
-    if value is not None and not 0 <= value <= 1:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must lie in [0, 1]")
-
-
-def _non_negative(instance, attribute, value):
-    if not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 0")
+from kvpress_lab.policy import budget_tokens
+from kvpress_lab.validators import check_keep_ratio, non_negative_int, positive_int, unit_interval
 
 
 @attrs.define(kw_only=True)
@@ -35,9 +25,14 @@ class SinkWindowBudgeter(Budgeter):
     name: ClassVar[str] = "sink_window"
     keep_ratio: float | None = attrs.field(default=1.0, validator=check_keep_ratio)
     budget: int | None = attrs.field(default=None, validator=positive_int)
-    sinks: int = attrs.field(default=0, validator=_non_negative)
-    window: int = attrs.field(default=0, validator=_non_negative)
-    window_fraction: float | None = attrs.field(default=None, validator=_fraction)
+    sinks: int = attrs.field(default=0, validator=non_negative_int)
+    window: int = attrs.field(default=0, validator=non_negative_int)
+    window_fraction: float | None = attrs.field(
+        default=None,
+        validator=unit_interval(
+            "the share of the budget given to the recent window", optional=True
+        ),
+    )
 
     def target_tokens(self, context_length: int) -> int:
         return budget_tokens(context_length, self.keep_ratio, self.budget)

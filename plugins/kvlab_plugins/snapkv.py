@@ -25,7 +25,9 @@ from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
-from kvpress_lab.policy import Composition, EngineOptions, Policy, positive_int
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition, EngineOptions
+from kvpress_lab.validators import positive_int
 
 Pooling = Literal["max", "avg"]
 Aggregation = Literal["sum", "mean"]
@@ -97,34 +99,20 @@ class SnapKVScorer(Scorer):
 
 
 @attrs.define(kw_only=True)
-class SnapKVPolicy(Policy):
+class SnapKVPolicy(policy_with(SnapKVScorer, Expose(ObservationWindowBudgeter, share="window"))):
     """SnapKV, one-shot after prefill, per KV head, original positions.
 
-    The budget counts the context tokens that fall inside the observation window (protected), so
-    at one keep_ratio SnapKV keeps exactly as many context tokens as every other policy.
+    The parameters are the scorer's; the budgeter's ``window`` is the scorer's. The budget counts
+    the context tokens that fall inside the observation window (protected), so at one keep_ratio
+    SnapKV keeps exactly as many context tokens as every other policy.
     """
 
     name: ClassVar[str] = "snapkv"
-    window: int = attrs.field(default=32, validator=positive_int)
-    kernel: int = attrs.field(default=7, validator=_odd_kernel)
-    pooling: Pooling = attrs.field(default="max", validator=attrs.validators.in_(("max", "avg")))
-    aggregation: Aggregation = attrs.field(
-        default="sum", validator=attrs.validators.in_(("sum", "mean"))
-    )
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=ObservationWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, window=self.window
-            ),
-            scorers={
-                "main": SnapKVScorer(
-                    window=self.window,
-                    kernel=self.kernel,
-                    pooling=self.pooling,
-                    aggregation=self.aggregation,
-                )
-            },
+            budgeter=self.build(ObservationWindowBudgeter),
+            scorers={"main": self.build(SnapKVScorer)},
             selector=TopKSelector(scorer="main", granularity="head"),
             engine=EngineOptions(observation_window=self.window),
         )

@@ -21,7 +21,8 @@ import attrs
 from kvlab_plugins.recency import RecencySelector
 from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvpress_lab.hookspecs import hookimpl
-from kvpress_lab.policy import Composition, EngineOptions, Policy, positive_int
+from kvpress_lab.policy import Composition, EngineOptions, Policy
+from kvpress_lab.validators import positive_int
 
 
 @attrs.define(kw_only=True)
@@ -35,9 +36,7 @@ class StreamingLLMPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, sinks=self.n_sink
-            ),
+            budgeter=self.build(SinkWindowBudgeter, sinks=self.n_sink),
             selector=RecencySelector(),
             engine=EngineOptions(
                 block_size=self.block_size,

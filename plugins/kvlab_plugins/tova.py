@@ -68,9 +68,7 @@ class TOVAPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=ObservationWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, window=1
-            ),
+            budgeter=self.build(ObservationWindowBudgeter, window=1),
             scorers={"main": TOVAScorer()},
             selector=TopKSelector(scorer="main", granularity="layer"),
             engine=EngineOptions(observation_window=1),
