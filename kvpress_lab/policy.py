@@ -101,6 +101,10 @@ class Policy(ABC):
     exposed_plugins: ClassVar[Mapping[type, tuple[Mapping[str, str], Mapping[str, Any]]]] = {}
     keep_ratio: float | None = attrs.field(default=0.5, validator=check_keep_ratio)
     budget: int | None = attrs.field(default=None, validator=positive_int)
+    # generation-time compression (kvpress_lab.engine.generation): every ``decode_interval``
+    # generated tokens the whole cache is compressed back to ``decode_budget`` tokens
+    decode_interval: int | None = attrs.field(default=None, validator=positive_int)
+    decode_budget: int | None = attrs.field(default=None, validator=positive_int)
 
     def __attrs_post_init__(self) -> None:
         # budget wins over a keep_ratio left at its default; two explicit budgets are ambiguous
@@ -109,6 +113,12 @@ class Policy(ABC):
             raise ConfigError(
                 f"{self.name}: give keep_ratio or budget, not both "
                 f"(got keep_ratio={self.keep_ratio}, budget={self.budget})"
+            )
+        if (self.decode_interval is None) != (self.decode_budget is None):
+            raise ConfigError(
+                f"{self.name}: decode_interval={self.decode_interval} and "
+                f"decode_budget={self.decode_budget}: generation-time compression needs both "
+                "(e.g. decode_interval=64,decode_budget=512) or neither"
             )
 
     def target_tokens(self, context_length: int) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.decode import greedy_decode, stop_token_ids
+from kvpress_lab.engine.generation import DecodeRecord, plan_generation
 from kvpress_lab.engine.result import RunResult
 from kvpress_lab.engine.runner import (
     CompressedContext,
@@ -58,6 +59,7 @@ def run_segments(
     check_fits(lm, segments, max_new_tokens)
     comp = policy.compose()
     check_supported(adapter_for(lm.model), comp, segments, max_new_tokens, query_agnostic)
+    plan_generation(policy, comp, segments.context_length, segments.question_length)
     state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
     return answer_compressed(
         lm,
@@ -86,6 +88,14 @@ def answer_compressed(
     per_token = adapter.kv_bytes(state.cache) / max(1, held)
     kept_bytes = int(round(per_token * state.kept_tokens))
 
+    plan = plan_generation(policy, comp, segments.context_length, segments.question_length)
+    compressor = (
+        plan.start(adapter, state.cache, state.context_index, held, state.context_length)
+        if plan is not None
+        else None
+    )
+    record = DecodeRecord(peak_kv_tokens=held)
+
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     t0 = time.perf_counter()
@@ -100,6 +110,8 @@ def answer_compressed(
             stop_token_ids(lm.model, lm.tokenizer),
             first_logits=state.question_logits,
             eviction=evictor,
+            compressor=compressor,
+            record=record,
         )
     finally:
         # evictors may hold resources for the answer: release them
@@ -129,4 +141,6 @@ def answer_compressed(
         decode_s=decode_s,
         blocks=state.blocks,
         target_tokens=comp.budgeter.target_tokens(state.context_length),
+        decode_compressions=compressor.compressions if compressor is not None else 0,
+        decode_peak_kv_tokens=record.peak_kv_tokens,
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 
 from kvpress_lab.adapters import ModelAdapter
+from kvpress_lab.engine.generation import DecodeRecord, GenerationCompressor
 from kvpress_lab.engine.observe import Observer
 from kvpress_lab.interfaces import KVCacheView
 
@@ -26,14 +28,26 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 class _Stepper:
-    """One forward pass at a time over the cache; runs the evictor's scorer and eviction."""
+    """One forward pass at a time over the cache; runs the evictor's scorer and eviction, and
+    generation-time compression."""
 
-    def __init__(self, adapter: ModelAdapter, cache, eviction) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        cache,
+        eviction,
+        compressor: GenerationCompressor | None = None,
+        record: DecodeRecord | None = None,
+    ) -> None:
         self.adapter, self.cache, self.eviction = adapter, cache, eviction
+        self.compressor = compressor
+        self.record = record if record is not None else DecodeRecord()
         self.device = next(adapter.model.parameters()).device
         self.view = KVCacheView(adapter, cache)
 
-    def __call__(self, ids: torch.Tensor, position: int, logits_to_keep: int = 1) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, position: int, logits_to_keep: int = 1, generated: bool = False
+    ) -> torch.Tensor:
         n = int(ids.numel())
         slot = self.adapter.cache_length(self.cache)
         positions = torch.arange(position, position + n, device=self.device)
@@ -48,10 +62,18 @@ class _Stepper:
             question_rows=None,
             observation_window=n,
         )
-        with observer.attached():
+        recording = (
+            self.compressor.recording()
+            if self.compressor is not None and generated
+            else contextlib.nullcontext()
+        )
+        with observer.attached(), recording:
             logits = self.adapter.forward(ids.to(self.device), self.cache, positions, slots)
+        self.record.peak_kv_tokens = max(self.record.peak_kv_tokens, slot + n)
         if self.eviction is not None:
             self.eviction.after_forward(self.view, observer.observed.get("evict"))
+        if self.compressor is not None:
+            self.compressor.after_forward(n, position, generated)
         return logits[-1]
 
 
@@ -65,6 +87,8 @@ def greedy_decode(
     stop_ids: set[int],
     first_logits: torch.Tensor | None = None,
     eviction=None,
+    compressor: GenerationCompressor | None = None,
+    record: DecodeRecord | None = None,
 ) -> list[int]:
     """Feed ``prompt_ids`` (the question) at ``start_position``.., then decode greedily.
 
@@ -72,8 +96,11 @@ def greedy_decode(
     decoding starts from those logits. ``eviction``, if given, is a decode-time policy (H2O's):
     its optional ``scorer`` observes every forward pass and ``after_forward(view, observed)``
     evicts through a :class:`~kvpress_lab.interfaces.KVCacheView` to keep the cache at budget.
+    ``compressor``, if given, compresses the cache every few generated tokens
+    (:mod:`kvpress_lab.engine.generation`). ``record``, if given, receives the most slots held
+    after any forward pass.
     """
-    step = _Stepper(adapter, cache, eviction)
+    step = _Stepper(adapter, cache, eviction, compressor, record)
     position = start_position
     if first_logits is None:
         logits = step(prompt_ids, position)
@@ -88,6 +115,6 @@ def greedy_decode(
         generated.append(token)
         if len(generated) == max_new_tokens:
             break
-        logits = step(torch.tensor([token]), position)
+        logits = step(torch.tensor([token]), position, generated=True)
         position += 1
     return generated

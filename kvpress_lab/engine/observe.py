@@ -89,37 +89,45 @@ class Observer:
     def _observe(self, layer_idx: int):
         def hook(module, args, output):
             hidden = self._hidden[layer_idx]
-            cuda = hidden.device.type == "cuda"
-            if cuda:
-                events = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                events[0].record()
-            else:
-                start = time.perf_counter()
             self._hidden[layer_idx] = None
-            keys, values = self.adapter.layer_kv(self.cache, layer_idx)
-            obs = LayerObservation(
-                layer_idx=layer_idx,
-                n_layers=self.adapter.n_layers,
-                adapter=self.adapter,
-                hidden=hidden,
-                positions=self.positions,
-                keys=keys,
-                values=values,
-                n_past=int(keys.shape[2]) - int(hidden.shape[1]),
-                question_rows=self.question_rows,
-                observation_window=self.observation_window,
-                layout=self.layout,
-            )
-            with torch.no_grad():
-                for name, scorer in self.scorers:
-                    self.observed[name][layer_idx] = scorer.observe(obs)
-            if cuda:
-                events[1].record()
-                self._events.append(events)
-            else:
-                self._host_seconds += time.perf_counter() - start
+            self.observe_layer(layer_idx, hidden)
 
         return hook
+
+    def observe_layer(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Run the scorers on ``layer_idx`` for the rows ``hidden`` (the last rows of its cache).
+
+        Called by the forward hook, or by the engine after the pass for rows it recorded itself
+        (generation-time compression observes the rows of several single-token passes at once).
+        """
+        cuda = hidden.device.type == "cuda"
+        if cuda:
+            events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            events[0].record()
+        else:
+            start = time.perf_counter()
+        keys, values = self.adapter.layer_kv(self.cache, layer_idx)
+        obs = LayerObservation(
+            layer_idx=layer_idx,
+            n_layers=self.adapter.n_layers,
+            adapter=self.adapter,
+            hidden=hidden,
+            positions=self.positions,
+            keys=keys,
+            values=values,
+            n_past=int(keys.shape[2]) - int(hidden.shape[1]),
+            question_rows=self.question_rows,
+            observation_window=self.observation_window,
+            layout=self.layout,
+        )
+        with torch.no_grad():
+            for name, scorer in self.scorers:
+                self.observed[name][layer_idx] = scorer.observe(obs)
+        if cuda:
+            events[1].record()
+            self._events.append(events)
+        else:
+            self._host_seconds += time.perf_counter() - start

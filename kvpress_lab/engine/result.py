@@ -32,6 +32,11 @@ class RunResult:
     decode_s: float
     blocks: int
     target_tokens: int
+    # generation-time compression (policy options decode_interval/decode_budget): compressions
+    # made while decoding, and the most slots held after any decode forward pass (context,
+    # question and generated tokens; the cache at the start of decoding when nothing was fed)
+    decode_compressions: int = 0
+    decode_peak_kv_tokens: int = 0
 
     @property
     def context_tokens(self) -> int:
@@ -70,6 +75,8 @@ class RunResult:
             "compress_s": round(self.compress_s, 6),
             "decode_s": round(self.decode_s, 6),
             "blocks": self.blocks,
+            "decode_compressions": self.decode_compressions,
+            "decode_peak_kv_tokens": self.decode_peak_kv_tokens,
         }
         if indices:
             data["context_token_ids"] = self.context_token_ids

@@ -81,7 +81,8 @@ def test_expected_attention_scores_by_hand():
 def test_policy_record_and_validation():
     policy = load_policy("expected_attention:keep_ratio=0.25")
     assert repr(policy) == (
-        "ExpectedAttentionPolicy(keep_ratio=0.25, budget=None, n_future_positions=512, "
+        "ExpectedAttentionPolicy(keep_ratio=0.25, budget=None, decode_interval=None, "
+        "decode_budget=None, n_future_positions=512, "
         "n_sink=4, use_covariance=True, use_vnorm=True, epsilon=0.0)"
     )
     with pytest.raises(ConfigError, match="n_sink=-1 is invalid"):

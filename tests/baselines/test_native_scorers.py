@@ -146,8 +146,15 @@ def test_keydiff_anchor_would_move_with_the_question():
 @pytest.mark.parametrize("name", ["knorm", "tova", "keydiff"])
 def test_policy_spec_and_record(name):
     policy = load_policy(f"{name}:keep_ratio=0.25")
-    assert repr(policy).endswith("(keep_ratio=0.25, budget=None)")
-    assert policy.params() == {"keep_ratio": 0.25, "budget": None}
+    assert repr(policy).endswith(
+        "(keep_ratio=0.25, budget=None, decode_interval=None, decode_budget=None)"
+    )
+    assert policy.params() == {
+        "keep_ratio": 0.25,
+        "budget": None,
+        "decode_interval": None,
+        "decode_budget": None,
+    }
 
 
 @pytest.mark.parametrize("name", ["knorm", "tova", "keydiff"])

@@ -35,7 +35,15 @@ def test_run_json_fields(capsys, tiny_model_dir, ctx_file):
     data = json.loads(out)
     L = data["context_tokens"]
     assert len(data["context_token_ids"]) == L
-    assert data["policy"] == {"name": "random", "keep_ratio": 0.5, "budget": None, "seed": 3, "granularity": "head"}
+    assert data["policy"] == {
+        "name": "random",
+        "keep_ratio": 0.5,
+        "budget": None,
+        "decode_interval": None,
+        "decode_budget": None,
+        "seed": 3,
+        "granularity": "head",
+    }
     assert data["model"] == str(tiny_model_dir)
     assert data["kept_tokens"] == L // 2
     assert len(data["kept_indices"]) == 2 and len(data["kept_indices"][0]) == 2  # layers x kv heads

@@ -133,6 +133,8 @@ def test_result_figures():
         "name": "random",
         "keep_ratio": 0.5,
         "budget": None,
+        "decode_interval": None,
+        "decode_budget": None,
         "seed": 0,
         "granularity": "head",
     }

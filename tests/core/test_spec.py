@@ -10,7 +10,10 @@ from kvpress_lab.spec import load_policy, parse_spec
 
 def test_parse_spec():
     assert parse_spec("full") == ("full", {})
-    assert parse_spec(" random : keep_ratio=0.1 , seed=3 ") == ("random", {"keep_ratio": "0.1", "seed": "3"})
+    assert parse_spec(" random : keep_ratio=0.1 , seed=3 ") == (
+        "random",
+        {"keep_ratio": "0.1", "seed": "3"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -29,7 +32,10 @@ def test_parse_errors(spec, message):
 def test_values_are_typed():
     policy = load_policy("random:keep_ratio=0.1,seed=7,granularity=layer")
     assert (policy.keep_ratio, policy.seed, policy.granularity) == (0.1, 7, "layer")
-    assert repr(policy) == "RandomPolicy(keep_ratio=0.1, budget=None, seed=7, granularity='layer')"
+    assert repr(policy) == (
+        "RandomPolicy(keep_ratio=0.1, budget=None, decode_interval=None, "
+        "decode_budget=None, seed=7, granularity='layer')"
+    )
     assert load_policy("random:budget=128").budget == 128
     assert load_policy("random:budget=none").budget is None
 
@@ -57,7 +63,10 @@ def test_unknown_policy_suggests_close_match():
         ("random:keep_ratio=1.5", r"keep_ratio=1.5 is invalid: it must be a number in \(0, 1\]"),
         ("random:keep_ratio=-0.2", r"keep_ratio=-0.2 is invalid"),
         ("random:seed=1.5", "parameter 'seed' got '1.5'; expected an integer"),
-        ("random:granularity=token", "parameter 'granularity' got 'token'; allowed values: global, layer, head"),
+        (
+            "random:granularity=token",
+            "parameter 'granularity' got 'token'; allowed values: global, layer, head",
+        ),
         ("random:budget=0", "budget=0 is invalid: it must be an integer >= 1"),
         ("random:keep_ratio=0.2,budget=10", "give keep_ratio or budget, not both"),
     ],

@@ -117,10 +117,14 @@ def test_budget_ignoring_plugin_fails_with_clear_message(broken_registry):
         check_policy("greedy", registry=broken_registry)
     msg = str(info.value)
     assert msg.startswith("policy 'greedy' fails ")
-    assert "  - budget: GreedyPolicy(keep_ratio=0.25, budget=None): kept 128 of 256" in msg
+    assert (
+        "  - budget: GreedyPolicy(keep_ratio=0.25, budget=None, decode_interval=None, "
+        "decode_budget=None): kept 128 of 256" in msg
+    )
     assert "the budget asks for 64 (allowed difference 1%)" in msg
     assert (
-        "  - determinism: two runs of GreedyPolicy(keep_ratio=0.25, budget=None) on the same" in msg
+        "  - determinism: two runs of GreedyPolicy(keep_ratio=0.25, budget=None, "
+        "decode_interval=None, decode_budget=None) on the same" in msg
     )
     # the contract checks it does honour pass
     for ok in ("registered", "fields", "spec_roundtrip"):
@@ -157,6 +161,9 @@ def test_spec_string_round_trips():
     from kvpress_lab.spec import load_policy
 
     policy = load_policy("random:keep_ratio=0.3,seed=7,granularity=layer")
-    assert spec_string(policy) == "random:keep_ratio=0.3,budget=none,seed=7,granularity=layer"
+    assert spec_string(policy) == (
+        "random:keep_ratio=0.3,budget=none,decode_interval=none,decode_budget=none,"
+        "seed=7,granularity=layer"
+    )
     assert load_policy(spec_string(policy)) == policy
-    assert spec_string(load_policy("full")) == "full"
+    assert spec_string(load_policy("full")) == "full:decode_interval=none,decode_budget=none"
