@@ -37,3 +37,13 @@ def kvlab_selectors() -> list[type]:
 @hookspec
 def kvlab_budgeters() -> list[type]:
     """Budgeter classes (subclasses of :class:`kvpress_lab.interfaces.Budgeter`)."""
+
+
+@hookspec
+def kvlab_unavailable() -> list[tuple[str, str]]:
+    """Components this plugin cannot provide here, as ``(name, reason)`` pairs.
+
+    ``name`` may be a glob (``kvpress.*``). ``kvlab plugins`` lists them with the reason, and
+    asking for such a name fails with the reason instead of "unknown". A plugin whose optional
+    dependency is missing says so here instead of failing to import.
+    """

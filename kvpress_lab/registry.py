@@ -9,6 +9,7 @@ that is not a plugin class, or registers a name already taken is recorded as a
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import functools
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -69,12 +70,26 @@ class PluginProblem:
 
 
 @attrs.frozen
+class Unavailable:
+    """A component (or a glob of names) a plugin cannot provide here, and why."""
+
+    name: str
+    reason: str
+    plugin: PluginInfo
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.name)
+
+
+@attrs.frozen
 class Registry:
-    """What discovery found: components by kind and name, and the problems it met."""
+    """What discovery found: components by kind and name, the problems it met, and what the
+    installed plugins declared unavailable (hook ``kvlab_unavailable``)."""
 
     components: Mapping[str, Mapping[str, Component]]
     plugins: tuple[PluginInfo, ...]
     problems: tuple[PluginProblem, ...]
+    unavailable: tuple[Unavailable, ...] = ()
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components.get(kind, {}))
@@ -83,6 +98,13 @@ class Registry:
         table = self.components.get(kind, {})
         if name in table:
             return table[name]
+        for entry in self.unavailable:
+            if entry.matches(name):
+                raise UnknownPolicyError(
+                    f"{kind} {name!r} is not available: {entry.reason} (plugin "
+                    f"{entry.plugin.name!r} from {entry.plugin.distribution}; `kvlab plugins` "
+                    "lists what is unavailable and why)"
+                )
         broken = self._broken(name)
         if broken is not None:
             raise UnknownPolicyError(
@@ -157,7 +179,12 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
         loaded.append((info, module))
 
     components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+    unavailable: list[Unavailable] = []
     for info, module in loaded:
+        entries, problem = _unavailable(info, module)
+        unavailable.extend(entries)
+        if problem is not None:
+            problems.append(problem)
         for kind, (hook_name, base) in KINDS.items():
             impl = getattr(module, hook_name, None)
             if impl is None:
@@ -184,7 +211,36 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
                     continue
                 components[kind][cls.name] = Component(kind, cls.name, cls, info)
     frozen = MappingProxyType({k: MappingProxyType(v) for k, v in components.items()})
-    return Registry(frozen, tuple(i for i, _ in loaded), tuple(problems))
+    return Registry(frozen, tuple(i for i, _ in loaded), tuple(problems), tuple(unavailable))
+
+
+def _unavailable(
+    info: PluginInfo, module: ModuleType
+) -> tuple[list[Unavailable], PluginProblem | None]:
+    """The ``(name, reason)`` pairs of a plugin's ``kvlab_unavailable`` hook, checked."""
+    impl = getattr(module, "kvlab_unavailable", None)
+    if impl is None:
+        return [], None
+    try:
+        entries = list(impl() or [])
+    except Exception as exc:
+        return [], PluginProblem(
+            info.name, info.distribution, f"kvlab_unavailable() failed: {_describe(exc)}"
+        )
+    out = []
+    for entry in entries:
+        if (
+            not isinstance(entry, tuple)
+            or len(entry) != 2
+            or not all(isinstance(x, str) and x for x in entry)
+        ):
+            return out, PluginProblem(
+                info.name,
+                info.distribution,
+                f"kvlab_unavailable() returned {entry!r}; expected (name, reason) string pairs",
+            )
+        out.append(Unavailable(entry[0], entry[1], info))
+    return out, None
 
 
 def _check_component(kind: str, base: type, cls: object) -> str | None:

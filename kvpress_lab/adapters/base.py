@@ -124,6 +124,32 @@ class ModelAdapter:
         q, _ = self._apply_rotary_fn(layer)(q, q[:, :1], cos.to(q.dtype), sin.to(q.dtype))
         return q
 
+    def attention_call(
+        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, n_past: int
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """What scoring code written against a transformers attention module receives.
+
+        Third-party scorers (NVIDIA kvpress's ``ScorerPress.score(module, hidden_states, ...)``)
+        read the attention module and the keyword arguments of its forward. Returns a shallow
+        *view* of ``layer``'s attention module (same class, parameters and submodules, plus the
+        model's rotary embedding as ``rotary_emb``, which kvpress attaches to every layer) so the
+        model itself is never modified, and the forward's keyword arguments for ``hidden`` rows
+        at ``positions``: ``position_embeddings`` (cos, sin), ``position_ids`` and
+        ``cache_position`` (the rows' cache slots, after ``n_past`` carried slots).
+        """
+        attn = self.attention(layer)
+        view = object.__new__(type(attn))
+        view.__dict__.update(attn.__dict__)
+        view.__dict__["_modules"] = {**attn._modules, "rotary_emb": self.rotary_module()}
+        positions = positions.to(hidden.device)
+        slots = torch.arange(n_past, n_past + hidden.shape[1], device=hidden.device)
+        kwargs = {
+            "position_embeddings": self.rotary(layer, positions, hidden),
+            "position_ids": positions[None],
+            "cache_position": slots,
+        }
+        return view, kwargs
+
     def rope(self, layer: int) -> RopeSpec | None:
         """The rotation applied to ``layer``'s keys, or None for a layer without RoPE."""
         rot = self.rotary_module()

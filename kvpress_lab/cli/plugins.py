@@ -1,4 +1,5 @@
-"""``kvlab plugins``: list policies, scorers, selectors and budgeters, and broken plugins."""
+"""``kvlab plugins``: list policies, scorers, selectors and budgeters, what installed plugins
+declare unavailable here (with the reason), and broken plugins."""
 
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ def listing(registry: Registry) -> dict:
                 }
             )
         out[kind] = rows
+    out["unavailable"] = [
+        {
+            "name": u.name,
+            "plugin": u.plugin.name,
+            "distribution": u.plugin.distribution,
+            "reason": u.reason,
+        }
+        for u in registry.unavailable
+    ]
     out["problems"] = [
         {"plugin": p.plugin, "distribution": p.distribution, "error": p.error}
         for p in registry.problems
@@ -69,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     for kind in KINDS:
@@ -79,6 +90,15 @@ def run(args: argparse.Namespace) -> int:
         for row in data[kind]:
             params = ", ".join(f"{p['name']}={p['default']}" for p in row["parameters"])
             table.add_row(row["name"], f"{row['distribution']} {row['version']}", params or "-")
+        console.print(table)
+    if data["unavailable"]:
+        table = Table(title="unavailable here", title_justify="left", show_lines=False)
+        table.add_column("name", style="bold")
+        table.add_column("plugin")
+        table.add_column("why")
+        for row in data["unavailable"]:
+            plugin = Text(f"{row['plugin']} ({row['distribution']})")
+            table.add_row(Text(row["name"]), plugin, Text(row["reason"]))
         console.print(table)
     if data["problems"]:
         console.print("[bold red]plugins that failed to load (skipped):[/]")
