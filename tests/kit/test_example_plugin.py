@@ -35,6 +35,8 @@ def test_kvlab_plugins_lists_keynorm(site, tmp_path):
     assert [p["name"] for p in rows["keynorm"]["parameters"]] == [
         "keep_ratio",
         "budget",
+        "decode_interval",
+        "decode_budget",
         "sinks",
         "window",
         "granularity",
