@@ -144,6 +144,8 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
             "task": task,
             "length": length,
             "keep": keep,
+            # a member task of a group line (the plots show the group, the tables both)
+            "task_group": g[0].get("task_group") if g[0].get("task_group") != task else None,
             "n": len(cell["scores"]),
             "questions": len(g),
             "accuracy": acc.estimate,
@@ -398,7 +400,8 @@ def policy_colors(summary: list[dict]) -> dict[str, str]:
 def write_plots(out: Path, summary: list[dict]) -> list[Path]:
     """Accuracy vs keep ratio, vs context length and vs KV memory, with 95 % interval bars.
 
-    Every plot of a run uses the same colour per policy (``full`` in black, drawn on top with
+    A task group (``ruler``) is one panel: its member tasks are lines of the tables only. Every
+    plot of a run uses the same colour per policy (``full`` in black, drawn on top with
     its own marker so it stays visible where others reach the same accuracy); series at the same
     x are spread a few points apart so their bars do not hide each other; a hollow marker is a
     cell whose budget was unfair.
@@ -412,6 +415,8 @@ def write_plots(out: Path, summary: list[dict]) -> list[Path]:
 
     colors = policy_colors(summary)
     policies = list(colors)
+    # a task group's members are in the tables; the plots show the group's line, one panel
+    summary = [s for s in summary if not s.get("task_group")]
     tasks = sorted({s["task"] for s in summary})
     lengths = sorted({s["length"] for s in summary})
     keeps = sorted({s["keep"] for s in summary if s["keep"] is not None}, reverse=True)

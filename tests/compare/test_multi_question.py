@@ -22,13 +22,16 @@ QUESTIONS = [
     {"question": "What is the access code?", "answers": ["4417"], "answer_prefix": "Code:"},
     {"question": "Who moved?", "answers": ["Ada"]},
 ]
-# one-shot, block-wise with small blocks, contiguous positions, and an observation-window scorer
+# one-shot, block-wise with small blocks, an observation-window scorer, a decode-time evictor
+# (H2O's), and probe passes of their own (KVzip's context reconstruction)
 POLICIES = [
     "full",
     "knorm:keep_ratio=0.5",
     "snapkv:keep_ratio=0.4",
     "laserkv:keep_ratio=0.5,block_size=96",
     "streamingllm:keep_ratio=0.3",
+    "h2o:keep_ratio=0.5,decode_eviction=True",
+    "kvzip:keep_ratio=0.5,chunk_size=128",
 ]
 
 SWEEP = ("knorm", "snapkv", "laserkv:block_size=96")  # two one-shot, one block-wise

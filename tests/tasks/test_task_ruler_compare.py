@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from matplotlib.image import imread
 
 from kvpress_lab.cli.main import main
 from kvpress_lab.compare.defaults import DEFAULTS
+from kvpress_lab.compare.report import summarize
 from kvpress_lab.tasks import TASK_GROUPS, generate_samples
 from kvpress_lab.testing import save_tiny_model
 
@@ -57,6 +59,11 @@ def test_compare_runs_the_ruler_suite(model_dir, tmp_path, capsys):
     assert len(group) == 1 and float(group[0].split(",")[6]) == pytest.approx(sum(scores) / 13)
     # each task's own answer length unless --max-new-tokens overrides it (2 here)
     assert {r["max_new_tokens"] for r in rows} == {2}
+    # the plots show the group, one panel (6 inches at 200 dpi), the tables every task
+    lines = summarize(rows)
+    assert {s["task"] for s in lines if s["task_group"] is None} == {"ruler"}
+    assert {s["task"] for s in lines if s["task_group"] == "ruler"} == set(ruler)
+    assert imread(tmp_path / "all" / "accuracy_vs_keep.png").shape[1] == 6 * 200
 
 
 def test_compare_picks_single_ruler_tasks(model_dir, tmp_path):
