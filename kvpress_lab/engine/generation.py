@@ -35,7 +35,7 @@ import torch
 from kvpress_lab.adapters import ModelAdapter
 from kvpress_lab.engine.runner import compress_step, plan_step
 from kvpress_lab.errors import ConfigError
-from kvpress_lab.interfaces import StepLayout
+from kvpress_lab.interfaces import Scorer, StepLayout
 from kvpress_lab.policy import Composition, EngineOptions, Policy
 
 __all__ = ["DecodeRecord", "GenerationCompressor", "GenerationPlan", "plan_generation"]
@@ -95,6 +95,19 @@ def plan_generation(
             "(keep_ratio/budget)"
         )
     composition = _decode_composition(policy)
+    probing = [
+        n
+        for n in composition.selector.scorer_names()
+        if type(composition.scorers[n]).probes is not Scorer.probes
+    ]
+    if probing:
+        raise ConfigError(
+            f"{name}: decode_interval={interval},decode_budget={budget} cannot run the probe "
+            f"passes of scorer(s) {probing}: they re-feed the whole context over the cache, "
+            "which neither fits in decode_budget + decode_interval slots nor matches a cache "
+            "that was already compressed; use a policy whose scorer observes the generated "
+            "tokens (e.g. snapkv, tova, h2o)"
+        )
     span = budget + interval  # the most slots a decode step sees
     try:
         composition.budgeter.validate(span)

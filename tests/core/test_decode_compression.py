@@ -269,6 +269,11 @@ def test_options_are_listed_and_set_from_spec_strings():
             "full: decode_budget=100 cannot be enforced: full takes no budget",
         ),
         (
+            "kvzip:keep_ratio=0.5,decode_interval=8,decode_budget=100",
+            r"kvzip: decode_interval=8,decode_budget=100 cannot run the probe passes of "
+            r"scorer\(s\) \['main'\]",
+        ),
+        (
             "h2o:decode_eviction=true,decode_interval=8,decode_budget=100",
             "cannot be combined with the policy's own decode-time eviction",
         ),
