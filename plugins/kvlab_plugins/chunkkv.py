@@ -92,7 +92,8 @@ def chunk_select(
 
     Args:
         scores: [Ly', H', N] token scores (one row per index set to choose).
-        positions: [Ly|1, H|1, N] context position of every slot, negative for question slots.
+        positions: [Ly|1, H|1, N] context position of every slot, negative for question slots;
+            context slots in increasing order (the engine keeps slots in context order).
         candidates: [Ly|1, H|1, N] bool.
         k: candidates to keep per row.
         chunk_length: tokens per chunk; chunk ``c`` is positions ``[c*len, (c+1)*len)``.
@@ -107,8 +108,13 @@ def chunk_select(
     if k == 0:
         return torch.empty(*lead, 0, dtype=torch.long, device=device)
     tokens = torch.where(cand, scores.float(), torch.zeros((), device=device))
-    chunk = pos.clamp(min=0).long() // chunk_length  # [a, b, N]
-    n_chunks = int(chunk.max()) + 1  # one host read per selection
+    # slots are in context order, so a chunk is a run of adjacent slots: number the runs densely
+    # (at most N of them) instead of reading the largest position on the host
+    chunk = torch.div(pos.long(), chunk_length, rounding_mode="floor")  # [a, b, N]
+    starts = torch.ones_like(chunk, dtype=torch.bool)
+    starts[..., 1:] = chunk[..., 1:] != chunk[..., :-1]
+    chunk = starts.long().cumsum(dim=-1) - 1
+    n_chunks = n
     weight = cand.float()
     total = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, tokens)
     count = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, weight)
