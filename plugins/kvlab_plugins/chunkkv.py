@@ -163,7 +163,7 @@ class ChunkKVPolicy(Policy):
     """
 
     name: ClassVar[str] = "chunkkv"
-    scorer: str = attrs.field(default="snapkv", validator=attrs.validators.instance_of(str))
+    scorer: str = "snapkv"  # checked by reuse_scoring when the policy is built
     chunk_length: int = attrs.field(default=20, validator=positive_int)
     granularity: Granularity = attrs.field(
         default="layer", validator=attrs.validators.in_(("global", "layer", "head"))
