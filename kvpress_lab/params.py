@@ -29,8 +29,9 @@ plugins and the fix):
   ``only=`` leaves it out, ``fixed=`` sets it to a constant, or ``rename=`` gives it another
   policy name (LASER-KV exposes ``LSHScorer.n_bits`` as ``lsh_bits``); private fields are skipped;
 - a plugin field named like a field of the :class:`~kvpress_lab.policy.Policy` base
-  (``keep_ratio``, ``budget``, ...) is not declared again: the plugin reads the policy's value, so
-  a budgeter always takes the policy's budget;
+  (``keep_ratio``, ``budget``, ...) is not declared again: the plugin reads the policy's value,
+  whatever ``only=`` says (``fixed=`` overrides it), so a budgeter always takes the policy's
+  budget;
 - **name collisions are explicit**: when two exposed plugins have a field of the same policy name,
   the later one must list it in ``share=`` (it then reads the earlier plugin's parameter, whose
   default and validator the policy field has; the later plugin's own validator still runs when
@@ -111,6 +112,14 @@ class Expose:
         return out
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The plugin's resolved field types; the declared ones (strings) where they do not resolve."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # e.g. an annotation naming a TYPE_CHECKING-only import
+        return {f.name: f.type for f in attrs.fields(cls) if f.type is not None}
+
+
 def _copy_field(f: attrs.Attribute, default: Any) -> Any:
     return attrs.field(
         default=default,
@@ -151,7 +160,7 @@ def policy_with(
         who = exp.plugin.__name__
         if exp.plugin in exposed:
             raise ConfigError(f"policy_with: {who} is exposed twice; expose each plugin once")
-        hints = typing.get_type_hints(exp.plugin)
+        hints = _type_hints(exp.plugin)
         earlier = set(declared)
         mapping: dict[str, str] = {}
         for f, name in exp.exposed():
@@ -179,6 +188,9 @@ def policy_with(
                 f"policy_with: Expose({who}, share={stray}): no earlier plugin declares "
                 f"{'these' if len(stray) > 1 else 'this'} parameter for {who} to share"
             )
+        for f in attrs.fields(exp.plugin):  # the policy's budget reaches a plugin even past only=
+            if f.init and f.name in base_fields and f.name not in exp.fixed:
+                mapping.setdefault(f.name, f.name)
         exposed[exp.plugin] = (mapping, dict(exp.fixed))
     defaults = dict(defaults or {})
     unknown = sorted(set(defaults) - set(base_fields) - set(declared))

@@ -124,8 +124,8 @@ from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
-from kvpress_lab.policy import Composition, Policy
-from kvpress_lab.selection import Granularity
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition
 
 
 @attrs.define(kw_only=True)
@@ -149,23 +149,28 @@ class {stem}Scorer(Scorer):
 
 
 @attrs.define(kw_only=True)
-class {stem}Policy(Policy):
-    """Keeps ``sinks`` first tokens, a recent ``window`` and the most attended tokens."""
+class {stem}Policy(
+    policy_with(
+        {stem}Scorer,
+        Expose(SinkWindowBudgeter, only=("sinks", "window")),
+        Expose(TopKSelector, only="granularity"),
+        defaults={{"sinks": 4, "window": 8}},
+    )
+):
+    """Keeps ``sinks`` first tokens, a recent ``window`` and the most attended tokens.
+
+    The parameters are the plugins' own attrs fields, declared once (kvpress_lab.params): the
+    budgeter's ``sinks`` and ``window``, the selector's ``granularity`` and every field you give
+    the scorer (with a default and a validator from kvpress_lab.validators).
+    """
 
     name: ClassVar[str] = "{name}"
-    sinks: int = attrs.field(default=4, validator=attrs.validators.ge(0))
-    window: int = attrs.field(default=8, validator=attrs.validators.ge(0))
-    granularity: Granularity = attrs.field(
-        default="head", validator=attrs.validators.in_(("global", "layer", "head"))
-    )
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, sinks=self.sinks, window=self.window
-            ),
-            selector=TopKSelector(scorer="main", granularity=self.granularity),
-            scorers={{"main": {stem}Scorer()}},
+            budgeter=self.build(SinkWindowBudgeter),
+            selector=self.build(TopKSelector),
+            scorers={{"main": self.build({stem}Scorer)}},
         )
 
 

@@ -402,6 +402,13 @@ def test_defaults_fixed_and_base_fields():
             raise NotImplementedError
 
     assert Toy().build(WindowBudgeter) == WindowBudgeter(keep_ratio=0.2, window=4, mode="z")
+    # only= selects the exposed parameters; the policy's budget still reaches the budgeter
+    narrow = policy_with(Expose(WindowBudgeter, only=("mode",)), defaults={"mode": "q"})
+    narrow = attrs.define(kw_only=True)(
+        type("Narrow", (narrow,), {"name": "toy_narrow", "compose": lambda self: None})
+    )
+    assert [n for n, _, _ in describe_parameters(narrow)][-1] == "mode"
+    assert narrow(keep_ratio=0.3).build(WindowBudgeter) == WindowBudgeter(keep_ratio=0.3, mode="q")
     with pytest.raises(ConfigError, match="keep_ratio=0.0 is invalid"):
         Toy(keep_ratio=0.0)
     # a plugin the policy does not expose gets the Policy base's fields it has (its budget)

@@ -37,7 +37,10 @@ def test_scaffold_code_is_valid_python():
     for path, text in render("my_policy").items():
         if path.endswith(".py"):
             compile(text, path, "exec")
-    assert "class MyPolicyPolicy(Policy)" in render("my_policy")["kvlab_my_policy/plugin.py"]
+    plugin = render("my_policy")["kvlab_my_policy/plugin.py"]
+    # the policy exposes its plugins' parameters instead of declaring them again
+    assert "class MyPolicyPolicy(\n    policy_with(\n        MyPolicyScorer," in plugin
+    assert "attrs.field(" not in plugin.split("class MyPolicyPolicy")[1]
 
 
 @pytest.mark.parametrize(
