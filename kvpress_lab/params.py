@@ -68,13 +68,12 @@ def _names(value: Any) -> tuple[str, ...] | None:
 class Expose:
     """Which fields of ``plugin`` a policy exposes, and under which names.
 
-    Args:
-        plugin: an attrs plugin class (scorer, selector, budgeter, or any attrs class the policy
-            constructs, e.g. a decode evictor).
-        only: the plugin fields to expose (default: every init field with a default).
-        rename: plugin field -> policy parameter name.
-        share: policy parameter names an earlier exposed plugin declares and this one reads.
-        fixed: plugin field -> constant passed by ``build``; not a policy parameter.
+    ``plugin`` is an attrs plugin class (scorer, selector, budgeter, or any attrs class the
+    policy constructs, e.g. a decode evictor). ``only`` lists the plugin fields to expose
+    (default: every init field with a default); ``rename`` maps a plugin field to its policy
+    parameter name; ``share`` names policy parameters that an earlier exposed plugin declares
+    and this one reads; ``fixed`` maps plugin fields to constants that ``build`` passes (not
+    policy parameters).
     """
 
     plugin: type

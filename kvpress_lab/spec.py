@@ -8,6 +8,7 @@ is allowed.
 from __future__ import annotations
 
 import difflib
+import sys
 import types
 import typing
 from typing import Any
@@ -51,7 +52,28 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Resolved annotations; where they do not resolve (a class defined in an exec'd namespace,
+    a TYPE_CHECKING-only import), each attrs field's type on its own, or its declared string."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        if not attrs.has(cls):
+            return {}
+    out: dict[str, Any] = {}
+    for f in attrs.fields(cls):
+        tp = f.type
+        if isinstance(tp, str):
+            owner = next(
+                (c for c in cls.__mro__ if f.name in vars(c).get("__annotations__", {})), cls
+            )
+            module = sys.modules.get(owner.__module__)
+            shim = types.SimpleNamespace(__annotations__={f.name: tp})
+            try:
+                tp = typing.get_type_hints(shim, vars(module) if module else {})[f.name]
+            except Exception:
+                pass  # listed under its declared name; a spec string cannot set it
+        out[f.name] = tp
+    return out
 
 
 def _convert(policy: str, field: str, raw: str, tp: Any) -> Any:

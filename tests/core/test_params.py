@@ -415,3 +415,27 @@ def test_defaults_fixed_and_base_fields():
     assert Toy(budget=7).build(SinkWindowBudgeter, sinks=2) == SinkWindowBudgeter(
         keep_ratio=0.2, budget=7, sinks=2
     )
+
+
+def test_listing_survives_annotations_that_do_not_resolve():
+    # a policy compiled with postponed annotations in a namespace no module holds (as the
+    # tutorial runner does): its own fields are listed, resolvable types resolved
+    import __future__
+
+    code = (
+        "import attrs\n"
+        "from typing import ClassVar, Literal\n"
+        "from kvpress_lab.policy import Policy\n"
+        "Mode = Literal['a', 'b']\n"
+        "@attrs.define(kw_only=True)\n"
+        "class Loose(Policy):\n"
+        "    name: ClassVar[str] = 'loose'\n"
+        "    size: int = 3\n"
+        "    mode: Mode = 'a'\n"
+        "    def compose(self): ...\n"
+    )
+    ns: dict = {"__name__": "__nowhere__"}
+    exec(compile(code, "<loose>", "exec", flags=__future__.annotations.compiler_flag), ns)
+    listed = describe_parameters(ns["Loose"])
+    assert listed[0] == ("keep_ratio", "float | None", 0.5)
+    assert listed[-2:] == [("size", "int", 3), ("mode", "Mode", "a")]
