@@ -99,7 +99,9 @@ def test_any_scorer_keeps_the_fair_budget_in_chunks(inner):
         assert len(partial) <= 1, f"more than one cut chunk: {sorted(chunks.items())}"
 
 
-@pytest.mark.parametrize(("inner", "granularity"), [("tova", "layer"), ("expected_attention", "head")])
+@pytest.mark.parametrize(
+    ("inner", "granularity"), [("tova", "layer"), ("expected_attention", "head")]
+)
 def test_chunks_of_one_token_are_the_inner_policys_top_k(inner, granularity):
     # with chunk_length=1 every chunk is a token: chunkkv must keep exactly what the inner
     # policy keeps at the inner policy's own granularity
