@@ -156,9 +156,12 @@ def test_chat_template_prefix_is_not_reconstructed():
 # ---------------------------------------------------------------- brute-force reference
 
 
-def _engine_scores(lm, segments, chunk_size: int, query_agnostic: bool) -> torch.Tensor:
-    """The kvzip scores the engine computes, read through a recording selector."""
-    policy = load_policy(f"kvzip:keep_ratio=0.5,chunk_size={chunk_size}")
+def engine_scores(
+    lm, segments, chunk_size: int, query_agnostic: bool, spec: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kvzip scores the engine computes (read through a recording selector), and the kept
+    context positions."""
+    policy = load_policy(spec or f"kvzip:keep_ratio=0.5,chunk_size={chunk_size}")
     comp = policy.compose()
     seen = {}
     selector = comp.selector
@@ -169,10 +172,10 @@ def _engine_scores(lm, segments, chunk_size: int, query_agnostic: bool) -> torch
             return super().select(source, candidates, k)
 
     recording = Recording(scorer="main", granularity="head")
-    prefill_and_compress(
+    state = prefill_and_compress(
         lm, attrs.evolve(comp, selector=recording), segments, query_agnostic=query_agnostic
     )
-    return seen["scores"]
+    return seen["scores"], state.context_index
 
 
 @torch.no_grad()
@@ -207,7 +210,7 @@ def _eager_reference(lm, context_ids, chunk_size: int, n_sink: int = 4) -> torch
 def test_scores_equal_eager_attention_weights(chunk_size, query_agnostic):
     lm = tiny_model("qwen2", seed=3, attn="eager", layers=2, heads=4, kv_heads=2)
     segments = build_prompt(lm.tokenizer, CONTEXT, QUESTION)
-    ours = _engine_scores(lm, segments, chunk_size, query_agnostic)
+    ours, _ = engine_scores(lm, segments, chunk_size, query_agnostic)
     L = segments.context_length
     assert ours.shape[-1] == L + (0 if query_agnostic else segments.question_length)
     expected = _eager_reference(lm, segments.context_ids, chunk_size)
