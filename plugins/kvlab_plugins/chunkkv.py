@@ -39,9 +39,11 @@ import torch
 from kvpress_lab.errors import PluginError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Scorer, ScoreSource, Selector, StepLayout
-from kvpress_lab.policy import Composition, Policy, positive_int
+from kvpress_lab.params import Expose, policy_with
+from kvpress_lab.policy import Composition
 from kvpress_lab.reuse import reuse_scoring
 from kvpress_lab.selection import Granularity, reduce_scores
+from kvpress_lab.validators import positive_int
 
 POSITIONS = "context_position"
 """Scorer name under which a chunk selector reads the context position of every slot."""
@@ -155,19 +157,17 @@ class ChunkSelector(Selector):
 
 
 @attrs.define(kw_only=True)
-class ChunkKVPolicy(Policy):
+class ChunkKVPolicy(policy_with(Expose(ChunkSelector, only=("chunk_length", "granularity")))):
     """ChunkKV: another policy's scores, kept in whole chunks of ``chunk_length`` tokens.
 
-    ``scorer`` names the registered policy whose budgeter and scorers are reused, with its own
-    parameters after ``+`` (``scorer=snapkv+window=64+kernel=5+pooling=avg``).
+    ``chunk_length`` and ``granularity`` are the chunk selector's. ``scorer`` names the registered
+    policy whose budgeter and scorers are reused, with its own parameters after ``+``
+    (``scorer=snapkv+window=64+kernel=5+pooling=avg``); the selector's own ``scorer`` field (the
+    score name it reads) is set from the reused policy.
     """
 
     name: ClassVar[str] = "chunkkv"
     scorer: str = "snapkv"  # checked by reuse_scoring when the policy is built
-    chunk_length: int = attrs.field(default=20, validator=positive_int)
-    granularity: Granularity = attrs.field(
-        default="layer", validator=attrs.validators.in_(("global", "layer", "head"))
-    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -180,11 +180,7 @@ class ChunkKVPolicy(Policy):
 
     def compose(self) -> Composition:
         reused = self._reused()
-        selector = ChunkSelector(
-            scorer=reused.scorer,
-            chunk_length=self.chunk_length,
-            granularity=self.granularity,
-        )
+        selector = self.build(ChunkSelector, scorer=reused.scorer)
         return reused.compose(selector, {POSITIONS: ContextPositionScorer()})
 
 

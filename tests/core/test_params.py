@@ -14,6 +14,7 @@ import attrs
 import pytest
 import torch
 from kvlab_plugins.accumulative import AccumulativeBudgeter
+from kvlab_plugins.chunkkv import ChunkSelector
 from kvlab_plugins.expected_attention import ExpectedAttentionScorer
 from kvlab_plugins.h2o import H2ODecodeEvictor, H2OScorer
 from kvlab_plugins.hybrid import HybridSelector
@@ -72,6 +73,10 @@ SOURCES: dict[str, list[tuple[Any, dict[str, Any]]]] = {
         (OWN, {"decode_eviction": False}),
     ],
     "random": [(RandomScorer, {"seed": "seed"}), (TopKSelector, {"granularity": "granularity"})],
+    "chunkkv": [
+        (ChunkSelector, {"chunk_length": "chunk_length", "granularity": "granularity"}),
+        (OWN, {"scorer": "snapkv"}),
+    ],
     "streamingllm": [(OWN, {"n_sink": 4, "rerotate": True, "block_size": None})],
     "finch": [(OWN, {"block_size": 512})],
     "tova": [],
