@@ -34,7 +34,8 @@ every layer and KV head are the top-k of kvpress's scores. Deliberate difference
   never sees the question while compressing).
 - KVzip+ normalisation (kvpress ``kvzip_plus_normalization``, off by default) is not implemented.
 
-One-shot only: the probe reconstructs the whole context, so block-wise prefill is refused.
+One-shot only: the probe reconstructs the whole context, so block-wise prefill and
+generation-time compression (``decode_interval``) are refused.
 """
 
 from __future__ import annotations
@@ -197,6 +198,15 @@ class KVzipPolicy(Policy):
     name: ClassVar[str] = "kvzip"
     n_sink: int = attrs.field(default=4, validator=_non_negative)
     chunk_size: int = attrs.field(default=2048, validator=positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if self.decode_interval is not None:
+            raise ConfigError(
+                f"kvzip: decode_interval={self.decode_interval} asks for generation-time "
+                "compression, which runs no reconstruction probe; leave decode_interval and "
+                "decode_budget unset"
+            )
 
     def compose(self) -> Composition:
         return Composition(

@@ -295,6 +295,8 @@ def test_policy_record_and_validation():
         load_policy("kvzip:chunk_size=0")
     with pytest.raises(ConfigError, match=r"n_sink=-1 is invalid: it must be an integer >= 0"):
         load_policy("kvzip:n_sink=-1")
+    with pytest.raises(ConfigError, match=r"kvzip: decode_interval=8 .* leave decode_interval"):
+        load_policy("kvzip:decode_interval=8,decode_budget=64")
 
 
 @pytest.mark.parametrize("query_agnostic", [False, True])
