@@ -180,7 +180,7 @@ def policy_with(
                     f"policy_with: {who}.{f.name} has no default, so it cannot be a policy "
                     f"parameter; set it with Expose({who}, fixed=...) or leave it out with only="
                 )
-            declared[name] = (f, hints.get(f.name, Any), who)
+            declared[name] = (f, hints.get(f.name, f.type if f.type is not None else Any), who)
         stray = [s for s in exp.share if s not in mapping.values() or s not in earlier]
         if stray:
             raise ConfigError(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
@@ -48,6 +49,7 @@ from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.errors import ConfigError, PluginError, UnknownPolicyError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
+from kvpress_lab.params import policy_with
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.registry import Component, PluginInfo, Registry, Unavailable
 
@@ -115,15 +117,15 @@ class BridgedScorer(Scorer):
 
 @attrs.define(kw_only=True)
 class BridgedPressPolicy(Policy):
-    """Base of the per-press policies the ``kvpress`` policy builds (not registered)."""
+    """Base of the per-press policies the ``kvpress`` policy builds (not registered); each one
+    exposes its scorer's fields (:func:`kvpress_lab.params.policy_with`)."""
 
     scorer_class: ClassVar[type[BridgedScorer]]
 
     def compose(self) -> Composition:
-        params = {f.name: getattr(self, f.name) for f in attrs.fields(self.scorer_class)}
         return Composition(
-            budgeter=SinkWindowBudgeter(keep_ratio=self.keep_ratio, budget=self.budget),
-            scorers={"main": self.scorer_class(**params)},
+            budgeter=self.build(SinkWindowBudgeter),
+            scorers={"main": self.build(self.scorer_class)},
             selector=TopKSelector(scorer="main", granularity="head"),
         )
 
@@ -254,20 +256,18 @@ def _scorer_class(press: type, fields: list[tuple[str, Any, Any]]) -> type[Bridg
 
 
 def _policy_class(press: type, scorer: type[BridgedScorer]) -> type[BridgedPressPolicy]:
-    cls = attrs.make_class(
-        f"Kvpress{press.__name__}Policy",
-        {
-            f.name: attrs.field(default=f.default, type=f.type, validator=f.validator)
-            for f in attrs.fields(scorer)
-        },
-        bases=(BridgedPressPolicy,),
-        kw_only=True,
+    base = policy_with(scorer, base=BridgedPressPolicy)
+    cls = attrs.define(kw_only=True)(
+        types.new_class(f"Kvpress{press.__name__}Policy", (base,), exec_body=_module_body)
     )
     cls.name = press.__name__
     cls.scorer_class = scorer
-    cls.__module__ = __name__
     globals()[cls.__name__] = cls
     return cls
+
+
+def _module_body(namespace: dict[str, Any]) -> None:
+    namespace["__module__"] = __name__
 
 
 @attrs.frozen
