@@ -51,7 +51,9 @@ from kvlab_plugins.topk import TopKSelector
 from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Probe, Scorer, StepLayout
-from kvpress_lab.policy import Composition, Policy, positive_int
+from kvpress_lab.params import policy_with
+from kvpress_lab.policy import Composition
+from kvpress_lab.validators import non_negative_int, positive_int
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 """Instruction before the first chunk (kvpress / the KVzip paper)."""
@@ -61,11 +63,6 @@ OVERLAP = 8
 """Tokens of the previous chunk quoted in a later chunk's instruction."""
 ROWS_PER_PASS = 512
 """Probe rows whose attention is materialised at once (bounds the scorer's memory)."""
-
-
-def _non_negative(instance, attribute, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 0")
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -126,25 +123,32 @@ def reconstruction_scores(obs: LayerObservation, n_sink: int) -> torch.Tensor:
 
     Each row's softmax runs over the first ``min(n_sink, span start)`` slots, the span's slots
     and the probe's own rows up to itself; the maximum is over rows and the query heads of a KV
-    group. Rows are processed ``ROWS_PER_PASS`` at a time.
+    group. Only the span's weights are exponentiated: a row's weight on key ``j`` is
+    ``exp(logit_j - logsumexp(logits))``, and ``exp`` keeps the maximum where it is. Rows are
+    processed ``ROWS_PER_PASS`` at a time.
     """
     start, end = obs.probe.span
     sink = min(n_sink, start)
-    device = obs.keys.device
-    slots = torch.cat(
-        [
-            torch.arange(sink, device=device),
-            torch.arange(start, end, device=device),
-            torch.arange(obs.n_past, obs.n_past + obs.n_rows, device=device),
-        ]
-    )
+    keys = obs.keys
+    seen = torch.cat([keys[:, :, :sink], keys[:, :, start:end]], dim=2)  # sinks, then the span
     best = None
     for r0 in range(0, obs.n_rows, ROWS_PER_PASS):
-        rows = slice(r0, min(r0 + ROWS_PER_PASS, obs.n_rows))
-        weights = obs.attention(rows, slots=slots)[..., sink : sink + end - start]  # [B,H,G,r,n]
-        peak = weights.amax(dim=(2, 3)).amax(dim=0)  # [H, n]
+        r1 = min(r0 + ROWS_PER_PASS, obs.n_rows)
+        q = obs.queries(slice(r0, r1))
+        span = obs.adapter.attention_logits(obs.layer_idx, q, seen)  # [B, H, G, r, sink + n]
+        # the probe's own rows, causal: row r sees probe rows 0..r
+        own = obs.adapter.attention_logits(
+            obs.layer_idx, q, keys[:, :, obs.n_past : obs.n_past + r1]
+        )
+        later = (
+            torch.arange(r1, device=own.device)[None, :]
+            > torch.arange(r0, r1, device=own.device)[:, None]
+        )
+        own = own.masked_fill(later, float("-inf"))
+        lse = torch.logaddexp(span.logsumexp(dim=-1), own.logsumexp(dim=-1))  # [B, H, G, r]
+        peak = (span[..., sink:] - lse[..., None]).amax(dim=(2, 3)).amax(dim=0)  # [H, n]
         best = peak if best is None else torch.maximum(best, peak)
-    return best
+    return best.exp()
 
 
 @attrs.define(kw_only=True)
@@ -152,7 +156,7 @@ class KVzipScorer(Scorer):
     """Context-reconstruction scores (KVzip) over every context slot: [Ly, H, N]."""
 
     name: ClassVar[str] = "kvzip"
-    n_sink: int = attrs.field(default=4, validator=_non_negative)
+    n_sink: int = attrs.field(default=4, validator=non_negative_int)
     chunk_size: int = attrs.field(default=2048, validator=positive_int)
 
     def probes(self, layout: StepLayout, context_ids: torch.Tensor, tokenizer: Any) -> list[Probe]:
@@ -192,12 +196,11 @@ class KVzipScorer(Scorer):
 
 
 @attrs.define(kw_only=True)
-class KVzipPolicy(Policy):
-    """KVzip (kvpress defaults): context-reconstruction scores, one-shot, per KV head."""
+class KVzipPolicy(policy_with(KVzipScorer)):
+    """KVzip (kvpress defaults): context-reconstruction scores, one-shot, per KV head; the
+    scorer's parameters (``n_sink`` also sizes the budgeter's protected sinks)."""
 
     name: ClassVar[str] = "kvzip"
-    n_sink: int = attrs.field(default=4, validator=_non_negative)
-    chunk_size: int = attrs.field(default=2048, validator=positive_int)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -210,10 +213,8 @@ class KVzipPolicy(Policy):
 
     def compose(self) -> Composition:
         return Composition(
-            budgeter=SinkWindowBudgeter(
-                keep_ratio=self.keep_ratio, budget=self.budget, sinks=self.n_sink
-            ),
-            scorers={"main": KVzipScorer(n_sink=self.n_sink, chunk_size=self.chunk_size)},
+            budgeter=self.build(SinkWindowBudgeter, sinks=self.n_sink),
+            scorers={"main": self.build(KVzipScorer)},
             selector=TopKSelector(scorer="main", granularity="head"),
         )
 

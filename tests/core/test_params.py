@@ -18,6 +18,7 @@ from kvlab_plugins.chunkkv import ChunkSelector
 from kvlab_plugins.expected_attention import ExpectedAttentionScorer
 from kvlab_plugins.h2o import H2ODecodeEvictor, H2OScorer
 from kvlab_plugins.hybrid import HybridSelector
+from kvlab_plugins.kvzip import KVzipScorer
 from kvlab_plugins.lsh_scorer import LSHScorer
 from kvlab_plugins.observation_window import ObservationWindowBudgeter
 from kvlab_plugins.random_policy import RandomScorer
@@ -77,6 +78,7 @@ SOURCES: dict[str, list[tuple[Any, dict[str, Any]]]] = {
         (ChunkSelector, {"chunk_length": "chunk_length", "granularity": "granularity"}),
         (OWN, {"scorer": "snapkv"}),
     ],
+    "kvzip": [(KVzipScorer, {"n_sink": "n_sink", "chunk_size": "chunk_size"})],
     "streamingllm": [(OWN, {"n_sink": 4, "rerotate": True, "block_size": None})],
     "finch": [(OWN, {"block_size": 512})],
     "tova": [],
