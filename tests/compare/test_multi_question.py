@@ -189,3 +189,41 @@ def test_resume_runs_only_the_missing_questions(lm, tmp_path):
     redone = {r["key"]: r for r in again.rows}
     for r in dropped:
         assert redone[r["key"]]["prediction"] == r["prediction"]
+
+
+def test_a_failing_plugin_fails_every_question_of_its_context_and_a_rerun_retries_them(
+    lm, tmp_path
+):
+    from test_compare_robustness import ExplodingScorer, _registry_with_exploding
+
+    # contexts one token apart: the exploding scorer fails on the even one only
+    records = [
+        {"context": _context(0), "questions": QUESTIONS, "id": "c0"},
+        {"context": _context(1) + "!", "questions": QUESTIONS, "id": "c1"},
+    ]
+    path = _write(tmp_path / "odd-even.jsonl", records)
+
+    def run():
+        return compare(
+            ["test_exploding"], tasks=[path], lengths=[600], keeps=[0.5], samples=2, lm=lm,
+            out=tmp_path / "out", registry=_registry_with_exploding(), query_agnostic=True,
+            max_new_tokens=3, progress=False,
+        )  # fmt: skip
+
+    res = run()
+    assert len(res.rows) == 2 * 2 * len(QUESTIONS)
+    failed = sorted((r["sample_id"], r["question_index"]) for r in res.failed)
+    assert len(failed) == len(QUESTIONS) and [q for _, q in failed] == [0, 1, 2]
+    (bad,) = {s for s, _ in failed}
+    assert all("raised ZeroDivisionError: even contexts" in r["error"] for r in res.failed)
+    good = [r for r in res.rows if not r.get("failed") and r["spec"] == "test_exploding"]
+    assert {r["sample_id"] for r in good} == {"c0", "c1"} - {bad}
+    assert all(r["prompt_tokens"] % 2 == 1 for r in good)  # the odd context survived
+    ExplodingScorer.fixed = True
+    try:
+        again = run()
+    finally:
+        ExplodingScorer.fixed = False
+    assert again.ran == len(QUESTIONS) and again.failed == []
+    fixed = [r for r in again.rows if r["sample_id"] == bad and r["spec"] == "test_exploding"]
+    assert sorted(r["prefills"] for r in fixed) == [0, 0, 1]
