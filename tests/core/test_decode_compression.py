@@ -313,3 +313,21 @@ def test_cli_run_records_decode_compressions(capsys, tiny_model_dir, tmp_path):
     assert data["policy"]["decode_interval"] == 16 and data["policy"]["decode_budget"] == 80
     assert data["decode_peak_kv_tokens"] <= 96
     assert data["decode_compressions"] >= 1
+
+
+def test_every_token_schedule_like_h2o_real_drop(monkeypatch):
+    """``decode_interval=1``: H2O's schedule (evict one slot per token, cache held at C + 1)."""
+    lm = tiny_model("qwen3", seed=5)
+    monkeypatch.setattr("kvpress_lab.engine.api.stop_token_ids", lambda model, tok: set())
+    result = run(
+        lm,
+        "h2o:keep_ratio=0.5,decode_interval=1,decode_budget=30",
+        CONTEXT,
+        QUESTION,
+        max_new_tokens=40,
+        chat_template=False,
+    )
+    held = int(result.kept_tokens) + len(result.question_token_ids)  # 23 + 7 = 30
+    assert held == 30
+    assert result.decode_peak_kv_tokens == 31
+    assert result.decode_compressions == 39  # every fed token
