@@ -234,10 +234,15 @@ def _with_interval(estimate: float, low: float, high: float, signed: bool = Fals
     return f"{f(estimate)} [{f(low)}, {f(high)}]"
 
 
-def _answer_length(max_new_tokens: int | None) -> str:
-    if max_new_tokens is None:
-        return "each task's answer length in new tokens (RULER's tokens_to_generate)"
-    return f"{max_new_tokens} new tokens"
+def _answer_length(max_new_tokens: int | None, rows: list[dict]) -> str:
+    """The answer length limit: the one given, else each task's (as its rows recorded)."""
+    if max_new_tokens is not None:
+        return f"{max_new_tokens} new tokens"
+    per_task = {r["task"]: r["max_new_tokens"] for r in rows if "max_new_tokens" in r}
+    if len(set(per_task.values())) == 1:
+        return f"{next(iter(per_task.values()))} new tokens (per task: its own or the default)"
+    listed = ", ".join(f"{t} {n}" for t, n in sorted(per_task.items()))
+    return f"each task's own number of new tokens ({listed})"
 
 
 def _n(s: dict) -> str:
@@ -288,7 +293,7 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         "",
         f"- model: `{metadata.get('model')}` on {metadata.get('device')}",
         f"- protocol: {metadata.get('protocol')}; seed {metadata.get('seed')}; "
-        f"greedy decoding, at most {_answer_length(metadata.get('max_new_tokens'))}",
+        f"greedy decoding, at most {_answer_length(metadata.get('max_new_tokens'), rows)}",
         f"- command: `{metadata.get('command')}`",
         f"- rows: {len(rows)}",
         "",
