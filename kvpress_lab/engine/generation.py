@@ -86,6 +86,7 @@ def plan_generation(
             "the policy's own decode-time eviction; turn one of them off (e.g. "
             "decode_eviction=false)"
         )
+    composition = _decode_composition(policy)
     held = comp.budgeter.target_tokens(context_length) + question_length
     if held > budget:
         raise ConfigError(
@@ -94,7 +95,6 @@ def plan_generation(
             f"= {held}; raise decode_budget to at least {held} or keep fewer context tokens "
             "(keep_ratio/budget)"
         )
-    composition = _decode_composition(policy)
     probing = [
         n
         for n in composition.selector.scorer_names()

@@ -269,11 +269,6 @@ def test_options_are_listed_and_set_from_spec_strings():
             "full: decode_budget=100 cannot be enforced: full takes no budget",
         ),
         (
-            "kvzip:keep_ratio=0.5,decode_interval=8,decode_budget=100",
-            r"kvzip: decode_interval=8,decode_budget=100 cannot run the probe passes of "
-            r"scorer\(s\) \['main'\]",
-        ),
-        (
             "h2o:decode_eviction=true,decode_interval=8,decode_budget=100",
             "cannot be combined with the policy's own decode-time eviction",
         ),
@@ -331,3 +326,26 @@ def test_every_token_schedule_like_h2o_real_drop(monkeypatch):
     assert held == 30
     assert result.decode_peak_kv_tokens == 31
     assert result.decode_compressions == 39  # every fed token
+
+
+class _Probing(_SeenRows):
+    name: ClassVar[str] = "probing_test"
+
+    def probes(self, layout, context_ids, tokenizer):
+        return ()
+
+
+def test_scorers_with_probe_passes_are_refused():
+    @attrs.define(kw_only=True)
+    class _ProbingPolicy(_EveryThirdPolicy):
+        name: ClassVar[str] = "probing_test"
+        scorer: _SeenRows = attrs.field(factory=_Probing, repr=False)
+
+    lm = tiny_model("llama")
+    policy = _ProbingPolicy(keep_ratio=0.5, decode_interval=8, decode_budget=100)
+    with pytest.raises(
+        ConfigError,
+        match=r"probing_test: decode_interval=8,decode_budget=100 cannot run the probe passes "
+        r"of scorer\(s\) \['main'\]",
+    ):
+        run(lm, policy, CONTEXT, QUESTION, max_new_tokens=4, chat_template=False)
