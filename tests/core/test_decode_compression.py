@@ -349,3 +349,23 @@ def test_scorers_with_probe_passes_are_refused():
         r"of scorer\(s\) \['main'\]",
     ):
         run(lm, policy, CONTEXT, QUESTION, max_new_tokens=4, chat_template=False)
+
+
+def test_shared_prefill_answers_like_independent_runs():
+    """``kvlab compare`` shares one prefill between policies; decode compression still applies."""
+    from kvpress_lab.engine.api import run_segments
+    from kvpress_lab.engine.shared import run_shared
+    from kvpress_lab.prompt import build_prompt
+
+    lm = tiny_model("llama", seed=6)
+    segments = build_prompt(lm.tokenizer, CONTEXT * 2, QUESTION, chat_template=False)
+    policies = [
+        load_policy("snapkv:keep_ratio=0.5,decode_interval=8,decode_budget=60"),
+        load_policy("tova:keep_ratio=0.25,decode_interval=4,decode_budget=40"),
+    ]
+    shared = list(run_shared(lm, policies, segments, max_new_tokens=60))
+    for policy, got in zip(policies, shared, strict=True):
+        want = run_segments(lm, policy, segments, max_new_tokens=60)
+        assert got.answer_token_ids == want.answer_token_ids
+        assert got.decode_compressions == want.decode_compressions > 0
+        assert got.decode_peak_kv_tokens == want.decode_peak_kv_tokens
