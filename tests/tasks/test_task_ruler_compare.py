@@ -98,11 +98,8 @@ def test_compare_takes_each_tasks_answer_length_and_names_the_background(model_d
     assert {r["task"]: r["decode_tokens"] for r in rows} == want
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["max_new_tokens"] is None
-    assert (
-        "at most each task's own number of new tokens (babilong-qa1 24, ruler:cwe 120, "
-        + ("ruler:vt 30)")
-        in (out / "summary.md").read_text()
-    )
+    header = (out / "summary.md").read_text().splitlines()[3]
+    assert header.endswith("new tokens (babilong-qa1 24, ruler:cwe 120, ruler:vt 30)")
     # the background text a BABILong-style sample was built on, and the note that explains it
     qa1 = [r for r in rows if r["task"] == "babilong-qa1"]
     sample = generate_samples("babilong-qa1", LENGTH, 1, 0, len)[0]
