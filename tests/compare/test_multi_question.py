@@ -23,8 +23,10 @@ QUESTIONS = [
     {"question": "Who moved?", "answers": ["Ada"]},
 ]
 # one-shot, block-wise with small blocks, an observation-window scorer, a decode-time evictor
-# (H2O's), and probe passes of their own (KVzip's context reconstruction)
+# (H2O's), probe passes of their own (KVzip's context reconstruction), and generation-time
+# compression (the second question's answer outgrows decode_budget and is compressed twice)
 POLICIES = [
+    "knorm:keep_ratio=0.5,decode_interval=2,decode_budget=280",
     "full",
     "knorm:keep_ratio=0.5",
     "snapkv:keep_ratio=0.4",
@@ -82,6 +84,8 @@ def test_compress_once_answers_equal_separate_query_agnostic_runs(lm, spec):
         assert got.answer_token_ids == want.answer_token_ids
         assert got.kept_indices.equal(want.kept_indices)
         assert got.protocol == "query-agnostic"
+    if "decode_budget" in spec:
+        assert [r.decode_compressions for r in alone] == [0, 2, 0]
     # the questions really differ: a cache leaking one question into the next would show
     assert len({tuple(r.answer_token_ids) for r in alone}) > 1
 
