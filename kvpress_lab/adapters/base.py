@@ -15,13 +15,15 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
 
+from kvpress_lab.adapters.ragged_attention import ragged_attention_for
+from kvpress_lab.adapters.ragged_cache import RaggedCache, ragged_from_dense
 from kvpress_lab.errors import ConfigError
 
 __all__ = ["ModelAdapter", "RopeSpec"]
@@ -212,8 +214,61 @@ class ModelAdapter:
 
     @staticmethod
     def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(cache, RaggedCache):
+            raise ConfigError(
+                f"layer {layer} of a ragged cache has no dense [B, H, N, d] keys (its heads hold "
+                f"{cache.head_lengths(layer)} tokens); read one head with head_kv(cache, layer, "
+                "head) instead"
+            )
         lay = cache.layers[layer]
         return lay.keys, lay.values
+
+    # ---------------------------------------------------------------- ragged (per-head) cache
+    @staticmethod
+    def ragged_cache(
+        cache: Any,
+        keep: Sequence[Sequence[torch.Tensor]],
+        positions: torch.Tensor | None = None,
+    ) -> RaggedCache:
+        """A ragged cache holding, for layer ``l`` and KV head ``h``, the slots ``keep[l][h]``.
+
+        ``cache`` is a dense cache (this adapter's :meth:`new_cache` after a forward pass);
+        ``positions`` are its slots' original positions (default ``0..N-1``). Heads keep their own
+        number of tokens, stored packed; forward passes over the result attend each query head
+        to its KV head's tokens (:mod:`kvpress_lab.adapters.ragged_attention`).
+        """
+        n_layers = len(cache.layers)
+        dense = [ModelAdapter.layer_kv(cache, layer) for layer in range(n_layers)]
+        return ragged_from_dense(dense, keep, positions)
+
+    @staticmethod
+    def is_ragged(cache: Any) -> bool:
+        return isinstance(cache, RaggedCache)
+
+    @staticmethod
+    def head_lengths(cache: Any, layer: int) -> list[int]:
+        """Tokens held by each KV head of ``layer`` (all equal for a dense cache)."""
+        if isinstance(cache, RaggedCache):
+            return cache.head_lengths(layer)
+        keys = cache.layers[layer].keys
+        return [ModelAdapter.cache_length(cache, layer)] * int(keys.shape[1])
+
+    @staticmethod
+    def head_kv(cache: Any, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[L_h, head_dim]`` of KV head ``head`` of ``layer``."""
+        if isinstance(cache, RaggedCache):
+            return cache.layers[layer].head_kv(head)
+        lay = cache.layers[layer]
+        return lay.keys[0, head], lay.values[0, head]
+
+    @staticmethod
+    def head_positions(cache: Any, layer: int, head: int) -> torch.Tensor:
+        """Original positions of a ragged cache's head ``head`` of ``layer``, in cache order."""
+        if not isinstance(cache, RaggedCache):
+            raise ConfigError(
+                "head_positions needs a ragged cache; a dense cache keeps no positions"
+            )
+        return cache.layers[layer].head_positions(head)
 
     @staticmethod
     def set_layer_kv(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -222,14 +277,23 @@ class ModelAdapter:
 
     @staticmethod
     def cache_length(cache: Any, layer: int = 0) -> int:
+        """Tokens in ``layer``'s cache; for a ragged cache, the longest head's count."""
         if layer >= len(cache.layers):
             return 0
+        if isinstance(cache, RaggedCache):
+            return cache.layers[layer].get_seq_length()
         keys = getattr(cache.layers[layer], "keys", None)
         return 0 if keys is None or keys.dim() < 3 else int(keys.shape[-2])
 
     @staticmethod
     def kv_bytes(cache: Any) -> int:
-        """Bytes held by the keys and values of every layer."""
+        """Bytes held by the keys and values of every layer.
+
+        For a ragged cache: the bytes its storages allocate (packed heads plus the spare capacity
+        of the decode tail; :meth:`RaggedCache.compact` drops the spare).
+        """
+        if isinstance(cache, RaggedCache):
+            return cache.kv_bytes()
         total = 0
         for lay in cache.layers:
             keys = getattr(lay, "keys", None)
@@ -240,7 +304,13 @@ class ModelAdapter:
 
     @staticmethod
     def copy_cache(cache: Any) -> Any:
-        """A cache whose layers are new objects pointing at the same tensors."""
+        """A cache whose layers are new objects pointing at the same tensors.
+
+        A ragged cache shares its packed bodies (never written in place) and copies its decode
+        tails (appended in place), so appending to either copy leaves the other unchanged.
+        """
+        if isinstance(cache, RaggedCache):
+            return cache.copy()
         new = copy.copy(cache)
         new.layers = [copy.copy(layer) for layer in cache.layers]
         return new
@@ -262,8 +332,24 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """Run the model over ``input_ids`` [n] at ``positions``, cache slots ``slots``.
 
-        Returns the last ``logits_to_keep`` rows of logits, [logits_to_keep, vocab].
+        Returns the last ``logits_to_keep`` rows of logits, [logits_to_keep, vocab]. Over a
+        ragged cache the pass attends through :mod:`~kvpress_lab.adapters.ragged_attention`
+        (``slots`` are then unused: each head appends after its own tokens).
         """
+        if isinstance(cache, RaggedCache):
+            cache.next_positions = positions
+            with ragged_attention_for(self.model.config):
+                return self._forward(input_ids, cache, positions, slots, logits_to_keep)
+        return self._forward(input_ids, cache, positions, slots, logits_to_keep)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
         kwargs = {self._cache_kwarg: cache}
         out = self.model(
             input_ids=input_ids[None],
