@@ -143,13 +143,17 @@ def summarize(rows: list[dict]) -> None:
         ]
         k = sum(r["code_correct"] for r in sel)
         ci = wilson_interval(k, len(sel))
+        # stricter: the code is in the answer's last 60 characters (written after the copy)
+        end = sum(make_sample(r["seed"], 1)[1] in r["tail"] for r in sel)
+        end_ci = wilson_interval(end, len(sel))
         copied = sum(r["lines_copied"] for r in sel) / len(sel)
         peak = max(r["peak_decode_kv_tokens"] for r in sel)
         gen = sum(r["generated"] for r in sel) / len(sel)
         comps = sum(r["decode_compressions"] for r in sel) / len(sel)
         print(
             f"{policy or 'full':7s} {name:4s} code {k}/{len(sel)} = {k / len(sel):.2f} (95% Wilson "
-            f"{ci.low:.2f}-{ci.high:.2f})  lines copied {copied:.2f}  max peak {peak}  "
+            f"{ci.low:.2f}-{ci.high:.2f})  code at the end {end}/{len(sel)} ({end_ci.low:.2f}-"
+            f"{end_ci.high:.2f})  lines copied {copied:.2f}  max peak {peak}  "
             f"mean generated {gen:.0f}  mean decode compressions {comps:.1f}"
         )
 
