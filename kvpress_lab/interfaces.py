@@ -163,23 +163,18 @@ class LayerObservation:
         """
         return self.adapter.queries(self.layer_idx, self.hidden[:, rows], self.positions[rows])
 
-    def attention(
-        self, rows: slice, causal: bool = True, slots: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
         """Softmax attention of ``rows`` over every key they can see, float32.
 
         Returns [B, H, G, r, N] with ``G`` query heads per KV head; keys are broadcast, never
         copied per query head. Slots after a row (later rows of this pass) get zero weight.
-        Scaling and logit soft-capping are the model's own. ``slots`` (long [S]) restricts the
-        softmax to those cache slots: the last dim is then ``S``, in the order given.
+        Scaling and logit soft-capping are the model's own.
         """
-        keys = self.keys if slots is None else self.keys.index_select(2, slots)
-        logits = self.adapter.attention_logits(self.layer_idx, self.queries(rows), keys)
+        logits = self.adapter.attention_logits(self.layer_idx, self.queries(rows), self.keys)
         if causal:
             n = self.keys.shape[2]
             row_slot = self.n_past + torch.arange(rows.start, rows.stop, device=logits.device)
-            key_slot = torch.arange(n, device=logits.device) if slots is None else slots
-            visible = key_slot.to(logits.device)[None, :] <= row_slot[:, None]
+            visible = torch.arange(n, device=logits.device)[None, :] <= row_slot[:, None]
             logits = logits.masked_fill(~visible, float("-inf"))
         return torch.softmax(logits, dim=-1)
 

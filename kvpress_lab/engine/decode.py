@@ -29,49 +29,67 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 class _Stepper:
     """One forward pass at a time over the cache; runs the evictor's scorer and eviction, and
-    generation-time compression."""
+    generation-time compression.
+
+    The per-token path does no more host work than ``model.generate``'s: positions and slots are
+    slices of two index tensors built once (``span`` tokens fed at most), and an
+    :class:`~kvpress_lab.engine.observe.Observer` is built only when the evictor has a scorer
+    that observes the pass.
+    """
 
     def __init__(
         self,
         adapter: ModelAdapter,
         cache,
         eviction,
-        compressor: GenerationCompressor | None = None,
-        record: DecodeRecord | None = None,
+        compressor: GenerationCompressor | None,
+        record: DecodeRecord | None,
+        start_position: int,
+        span: int,
     ) -> None:
         self.adapter, self.cache, self.eviction = adapter, cache, eviction
         self.compressor = compressor
         self.record = record if record is not None else DecodeRecord()
-        self.device = next(adapter.model.parameters()).device
+        device = next(adapter.model.parameters()).device
         self.view = KVCacheView(adapter, cache)
+        scorer = getattr(eviction, "scorer", None)
+        self.scorers = [("evict", scorer)] if scorer is not None else []
+        self.observes = any(s.needs_observation for _, s in self.scorers)
+        self.start = start_position
+        # eviction and compression only shrink the cache, so no slot exceeds held + span
+        held = adapter.cache_length(cache)
+        self.positions = torch.arange(start_position, start_position + span, device=device)
+        self.slots = torch.arange(held + span, device=device)
 
-    def __call__(
-        self, ids: torch.Tensor, position: int, logits_to_keep: int = 1, generated: bool = False
-    ) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, position: int, generated: bool = False) -> torch.Tensor:
         n = int(ids.numel())
         slot = self.adapter.cache_length(self.cache)
-        positions = torch.arange(position, position + n, device=self.device)
-        slots = torch.arange(slot, slot + n, device=self.device)
-        scorer = getattr(self.eviction, "scorer", None)
-        observer = Observer(
-            self.adapter,
-            self.cache,
-            [("evict", scorer)] if scorer is not None else [],
-            layout=None,
-            positions=positions,
-            question_rows=None,
-            observation_window=n,
-        )
+        offset = position - self.start
+        positions = self.positions[offset : offset + n]
+        slots = self.slots[slot : slot + n]
+        observer = None
+        if self.scorers:
+            observer = Observer(
+                self.adapter,
+                self.cache,
+                self.scorers,
+                layout=None,
+                positions=positions,
+                question_rows=None,
+                observation_window=n,
+            )
+        attached = observer.attached() if self.observes else contextlib.nullcontext()
         recording = (
             self.compressor.recording()
             if self.compressor is not None and generated
             else contextlib.nullcontext()
         )
-        with observer.attached(), recording:
-            logits = self.adapter.forward(ids.to(self.device), self.cache, positions, slots)
+        with attached, recording:
+            logits = self.adapter.forward(ids, self.cache, positions, slots)
         self.record.peak_kv_tokens = max(self.record.peak_kv_tokens, slot + n)
         if self.eviction is not None:
-            self.eviction.after_forward(self.view, observer.observed.get("evict"))
+            observed = observer.observed.get("evict") if observer is not None else None
+            self.eviction.after_forward(self.view, observed)
         if self.compressor is not None:
             self.compressor.after_forward(n, position, generated)
         return logits[-1]
@@ -100,21 +118,23 @@ def greedy_decode(
     (:mod:`kvpress_lab.engine.generation`). ``record``, if given, receives the most slots held
     after any forward pass.
     """
-    step = _Stepper(adapter, cache, eviction, compressor, record)
+    span = int(prompt_ids.numel()) + max_new_tokens  # positions the answer can reach
+    step = _Stepper(adapter, cache, eviction, compressor, record, start_position, span)
     position = start_position
     if first_logits is None:
-        logits = step(prompt_ids, position)
+        logits = step(prompt_ids.to(step.positions.device), position)
     else:  # the question is already in the cache
         logits = first_logits
     position += int(prompt_ids.numel())
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(torch.argmax(logits))
+        next_id = torch.argmax(logits).reshape(1)  # stays on the model's device
+        token = int(next_id)
         if token in stop_ids:
             break
         generated.append(token)
         if len(generated) == max_new_tokens:
             break
-        logits = step(torch.tensor([token]), position, generated=True)
+        logits = step(next_id, position, generated=True)
         position += 1
     return generated
