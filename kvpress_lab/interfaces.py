@@ -54,6 +54,9 @@ class StepLayout:
     n_past: int
     n_question: int
     context_index: torch.Tensor  # [Ly, H, N] long, -1 for question slots
+    # the model layer of context_index's first row: 0, except when the engine decides one layer
+    # at a time inside the forward pass (layer-local plugins, see Scorer.layer_local)
+    first_layer: int = 0
 
     @property
     def n_slots(self) -> int:
@@ -231,6 +234,17 @@ class Scorer(ABC):
 
     name: ClassVar[str]
 
+    layer_local: ClassVar[bool] = False
+    """Whether a layer's scores depend on that layer alone (declared by the scorer, default no).
+
+    A layer-local scorer promises: calling :meth:`score` with a one-layer layout
+    (``context_index[l:l+1]``), candidates ``[1, H|1, N]``, ``observed == [observed[l]]`` and
+    ``cache_keys(0)`` returning layer ``l``'s keys gives row ``l`` of the full scores, and it asks
+    for no probe passes. The engine may then compress each layer inside the prefill forward, as
+    soon as that layer's attention has run (SnapKV, H2O, TOVA and most one-shot scorers); scores
+    that need every layer first (a consensus across layers) must leave this False.
+    """
+
     def observe(self, obs: LayerObservation) -> torch.Tensor | None:
         return None
 
@@ -274,6 +288,17 @@ class Selector(ABC):
     def scorer_names(self) -> Sequence[str]:
         """Names of the scorers this selector reads (keys of the policy's scorer mapping)."""
         return ()
+
+    @property
+    def layer_local(self) -> bool:
+        """Whether a layer's kept slots depend on that layer's scores and candidates alone.
+
+        True lets the engine call :meth:`select` one layer at a time (candidates and scores
+        ``[1, H|1, N]``) during the prefill forward, when every scorer read is layer-local too.
+        Per-layer and per-head selections are; one index set for the whole model is not. The
+        default, False, keeps the compress-after-prefill path.
+        """
+        return False
 
 
 class Budgeter(ABC):

@@ -92,6 +92,16 @@ class ModelAdapter:
         """The linear layer whose input is the attention input (hooked to capture it)."""
         return self.attention(layer).q_proj
 
+    def on_attention_done(self, layer: int, fn: Callable[[], None]) -> Any:
+        """Call ``fn()`` each time ``layer``'s attention has run; returns a handle (``.remove()``).
+
+        When ``fn`` runs, the layer's keys and values of the pass are in the cache and nothing
+        later in the pass reads them (a decoder layer attends over its own cache slots only, and
+        the masks were built before the first layer), so ``fn`` may replace the layer's cache
+        with :meth:`set_layer_kv`: this is where the engine compresses a layer during prefill.
+        """
+        return self.attention(layer).register_forward_hook(lambda module, args, output: fn())
+
     def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Queries before RoPE, [B, H_q, r, head_dim], normalised as the family does."""
         attn = self.attention(layer)

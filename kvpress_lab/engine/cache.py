@@ -12,7 +12,7 @@ from kvpress_lab.adapters import ModelAdapter
 from kvpress_lab.errors import PluginError
 from kvpress_lab.interfaces import take_slots
 
-__all__ = ["gather_slots", "keep_mask_to_indices"]
+__all__ = ["gather_slots", "keep_layer_slots", "keep_mask_to_indices"]
 
 
 def keep_mask_to_indices(keep: torch.Tensor, who: str) -> torch.Tensor:
@@ -32,6 +32,13 @@ def keep_mask_to_indices(keep: torch.Tensor, who: str) -> torch.Tensor:
 def gather_slots(adapter: ModelAdapter, cache: object, indices: torch.Tensor) -> None:
     """Keep only ``indices`` ([Ly'|1, H'|1, k] slot indices) in every layer, in place."""
     for layer in range(adapter.n_layers):
-        idx = indices[layer if indices.shape[0] > 1 else 0]
-        keys, values = adapter.layer_kv(cache, layer)
-        adapter.set_layer_kv(cache, layer, take_slots(keys, idx), take_slots(values, idx))
+        keep_layer_slots(adapter, cache, layer, indices[layer if indices.shape[0] > 1 else 0])
+
+
+def keep_layer_slots(adapter: ModelAdapter, cache: object, layer: int, idx: torch.Tensor) -> None:
+    """Keep only slots ``idx`` ([H'|1, k]) of one layer, in place (new tensors, never a mask).
+
+    The layer-wise path calls it inside the forward pass, right after the layer's attention.
+    """
+    keys, values = adapter.layer_kv(cache, layer)
+    adapter.set_layer_kv(cache, layer, take_slots(keys, idx), take_slots(values, idx))

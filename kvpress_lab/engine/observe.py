@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -33,8 +33,12 @@ class Observer:
         positions: torch.Tensor,
         question_rows: slice | None,
         observation_window: int,
+        after_layer: Callable[[int], None] | None = None,
     ) -> None:
         self.adapter = adapter
+        # called with the layer index once the layer's scorers have observed it (layer-wise
+        # compression replaces the layer's cache there)
+        self.after_layer = after_layer
         self.cache = cache
         self.scorers = [(name, s) for name, s in scorers if s.needs_observation]
         self.layout = layout
@@ -64,15 +68,16 @@ class Observer:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[Observer]:
-        if not self.scorers:
+        if not self.scorers and self.after_layer is None:
             yield self
             return
         handles = []
         for i in range(self.adapter.n_layers):
-            handles.append(
-                self.adapter.query_projection(i).register_forward_pre_hook(self._capture(i))
-            )
-            handles.append(self.adapter.attention(i).register_forward_hook(self._observe(i)))
+            if self.scorers:
+                handles.append(
+                    self.adapter.query_projection(i).register_forward_pre_hook(self._capture(i))
+                )
+            handles.append(self.adapter.on_attention_done(i, self._observe(i)))
         try:
             yield self
         finally:
@@ -87,10 +92,13 @@ class Observer:
         return pre_hook
 
     def _observe(self, layer_idx: int):
-        def hook(module, args, output):
-            hidden = self._hidden[layer_idx]
-            self._hidden[layer_idx] = None
-            self.observe_layer(layer_idx, hidden)
+        def hook() -> None:
+            if self.scorers:
+                hidden = self._hidden[layer_idx]
+                self._hidden[layer_idx] = None
+                self.observe_layer(layer_idx, hidden)
+            if self.after_layer is not None:
+                self.after_layer(layer_idx)
 
         return hook
 

@@ -6,6 +6,13 @@ keeps ``protected | selected`` slots and drops the rest, the question included. 
 original positions unless the policy asks for contiguous positions, in which case the kept keys
 are re-rotated. Finally the question is fed over the compressed cache and the answer decoded
 greedily with positions continuing after the context.
+
+Layer-wise compression: when every plugin that decides a step says its decision for a layer
+depends on that layer alone (:attr:`Scorer.layer_local`, :attr:`Selector.layer_local`), the step
+runs inside the forward pass instead of after it. Each layer is compressed as soon as its
+attention has run (the adapter's :meth:`~kvpress_lab.adapters.base.ModelAdapter.on_attention_done`
+hook), so the cache holds one full layer at a time plus the compressed ones before it, as NVIDIA
+kvpress does. The kept slots are the same as compressing after the pass; only the peak differs.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import attrs
 import torch
 
 from kvpress_lab.adapters import ModelAdapter, adapter_for
-from kvpress_lab.engine.cache import gather_slots, keep_mask_to_indices
+from kvpress_lab.engine.cache import gather_slots, keep_layer_slots, keep_mask_to_indices
 from kvpress_lab.engine.checks import check_allocation, check_scores, check_selection
 from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError
@@ -41,6 +48,7 @@ __all__ = [
     "check_fits",
     "check_supported",
     "compress_step",
+    "compresses_layerwise",
     "prefill_and_compress",
 ]
 
@@ -63,6 +71,9 @@ class CompressedContext:
     question_logits: torch.Tensor | None = None
     # wall time of the scorers' probe passes (Scorer.probes), already counted in compress_s
     probe_s: float = 0.0
+    # steps that compressed each layer inside the forward pass (layer-local plugins); the peak
+    # above was then measured before each layer's compression: one full layer, the rest kept
+    layerwise_steps: int = 0
 
     @property
     def kept_tokens(self) -> int:
@@ -70,11 +81,19 @@ class CompressedContext:
 
 
 class _Scores(ScoreSource):
+    """Scores of a step; ``first_layer`` is the model layer of the layout's layer 0 (layer-wise)."""
+
     def __init__(
-        self, scorers: Mapping[str, Scorer], layout, observed, adapter: ModelAdapter, cache
+        self,
+        scorers: Mapping[str, Scorer],
+        layout,
+        observed,
+        adapter: ModelAdapter,
+        cache,
+        first_layer: int = 0,
     ) -> None:
         self._scorers, self._layout, self._observed = scorers, layout, observed
-        self._adapter, self._cache = adapter, cache
+        self._adapter, self._cache, self._first = adapter, cache, first_layer
 
     def scores(self, name: str, candidates: torch.Tensor) -> torch.Tensor:
         scorer = self._scorers[name]
@@ -82,7 +101,7 @@ class _Scores(ScoreSource):
             self._layout,
             self._observed[name],
             candidates,
-            lambda i: self._adapter.layer_kv(self._cache, i)[0],
+            lambda i: self._adapter.layer_kv(self._cache, self._first + i)[0],
         )
         return check_scores(out, candidates, self._layout, scorer.name)
 
@@ -129,8 +148,13 @@ def prefill_and_compress(
     policy: Policy | Composition,
     segments: PromptSegments,
     query_agnostic: bool = False,
+    layerwise: bool = True,
 ) -> CompressedContext:
-    """Run the policy's prefill and compression over the context segment."""
+    """Run the policy's prefill and compression over the context segment.
+
+    ``layerwise=False`` always compresses after the forward pass, even where the plugins allow
+    compressing each layer inside it (:func:`compresses_layerwise`); the kept slots are the same.
+    """
     comp = policy.compose() if isinstance(policy, Policy) else policy
     model, device = lm.model, lm.device
     ctx = segments.context_ids.to(device)
@@ -151,7 +175,7 @@ def prefill_and_compress(
     origins = KeyOrigins(adapter) if contiguous and len(bounds) > 1 else None
     context_index = torch.empty(n_layers, n_kv, 0, dtype=torch.long)
     prefill_s = compress_s = 0.0
-    peak_tokens = peak_bytes = 0
+    peak_tokens = peak_bytes = layerwise_steps = 0
     question_logits = None
     probe_inputs = ProbeInputs(context_ids=ctx, tokenizer=lm.tokenizer)
 
@@ -178,6 +202,15 @@ def prefill_and_compress(
             context_index=step_index,
         )
         allocation, evicts, observer = plan_step(adapter, cache, comp, layout, n_in, positions)
+        per_layer = None
+        # key origins re-rotate every layer of a step together: that path stays after the pass
+        if (
+            layerwise
+            and origins is None
+            and compresses_layerwise(comp, layout, allocation, evicts, probe_inputs)
+        ):
+            per_layer = LayerwiseStep(adapter, comp, cache, layout, allocation, observer)
+            observer.after_layer = per_layer
         _sync(device)
         t0 = time.perf_counter()
         with observer.attached():
@@ -189,23 +222,31 @@ def prefill_and_compress(
         peak_tokens = max(peak_tokens, n_past + n_in)
         peak_bytes = max(peak_bytes, adapter.kv_bytes(cache))
 
-        context_index, question_logits = compress_step(
-            adapter,
-            comp,
-            cache,
-            layout,
-            allocation,
-            evicts,
-            observer.observed,
-            logits[-1],
-            last=bi == len(bounds) - 1,
-            origins=origins,
-            probe_inputs=probe_inputs,
-        )
+        if per_layer is None:
+            context_index, question_logits = compress_step(
+                adapter,
+                comp,
+                cache,
+                layout,
+                allocation,
+                evicts,
+                observer.observed,
+                logits[-1],
+                last=bi == len(bounds) - 1,
+                origins=origins,
+                probe_inputs=probe_inputs,
+            )
+            inside = observer.seconds
+        else:
+            # measured inside the pass, before each layer was compressed
+            peak_bytes = max(peak_bytes, per_layer.peak_bytes)
+            context_index, question_logits = per_layer.kept_index(), None
+            layerwise_steps += 1
+            inside = observer.seconds + per_layer.seconds
         _sync(device)
         t2 = time.perf_counter()
-        prefill_s += (t1 - t0) - observer.seconds
-        compress_s += observer.seconds + (t2 - t1)
+        prefill_s += (t1 - t0) - inside
+        compress_s += inside + (t2 - t1)
 
     return CompressedContext(
         cache=cache,
@@ -222,6 +263,7 @@ def prefill_and_compress(
         blocks=len(bounds),
         question_logits=question_logits,
         probe_s=probe_inputs.seconds,
+        layerwise_steps=layerwise_steps,
     )
 
 
@@ -256,6 +298,107 @@ def plan_step(
         observation_window=comp.engine.observation_window,
     )
     return allocation, evicts, observer
+
+
+def compresses_layerwise(
+    comp: Composition,
+    layout: StepLayout,
+    allocation: Allocation,
+    evicts: bool,
+    probe_inputs: ProbeInputs | None = None,
+) -> bool:
+    """Whether this step can compress each layer inside the forward pass, asking the plugins.
+
+    It can when it evicts and either everything kept is protected (``k == 0``: no scores) or the
+    selector and every scorer it reads declare themselves layer-local. Anything else (a
+    model-wide selection, a consensus across layers, an undeclared third-party scorer) keeps the
+    compress-after-prefill path. Probe passes (:meth:`Scorer.probes`) run over the whole cache
+    after the forward, so a scorer asking for one (given ``probe_inputs``) keeps that path too.
+    """
+    if not evicts:
+        return False
+    if allocation.k == 0:
+        return True
+    if not comp.selector.layer_local:
+        return False
+    scorers = [comp.scorers[name] for name in comp.selector.scorer_names()]
+    if not all(scorer.layer_local for scorer in scorers):
+        return False
+    if probe_inputs is None:
+        return True
+    ids, tokenizer = probe_inputs.context_ids, probe_inputs.tokenizer
+    return not any(scorer.probes(layout, ids, tokenizer) for scorer in scorers)
+
+
+class LayerwiseStep:
+    """One compression step performed layer by layer inside the forward pass.
+
+    Called by the observer's hook once layer ``l``'s attention has run and its scorers have
+    observed it: measures the cache (one layer full, the layers before it compressed), asks the
+    selector for layer ``l`` alone (a one-layer layout, allocation and scores), keeps the
+    protected and selected slots of that layer and drops the rest, question included. The same
+    checks as :func:`compress_step` run on every layer's selection. Selections are read on the
+    host once per layer (once per step after the pass).
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        comp: Composition,
+        cache: object,
+        layout: StepLayout,
+        allocation: Allocation,
+        observer: Observer,
+    ) -> None:
+        self.adapter, self.comp, self.cache = adapter, comp, cache
+        self.layout, self.allocation, self.observer = layout, allocation, observer
+        self.indices: list[torch.Tensor | None] = [None] * adapter.n_layers
+        self.peak_bytes = 0  # the most KV bytes held at once, measured before each layer's gather
+        self.seconds = 0.0
+
+    def __call__(self, layer: int) -> None:
+        t0 = time.perf_counter()
+        comp, alloc = self.comp, self.allocation
+        self.peak_bytes = max(self.peak_bytes, self.adapter.kv_bytes(self.cache))
+        layout = attrs.evolve(
+            self.layout,
+            context_index=self.layout.context_index[layer : layer + 1],
+            first_layer=layer,
+        )
+        own = Allocation(
+            protected=_layer_rows(alloc.protected, layer),
+            candidates=_layer_rows(alloc.candidates, layer),
+            k=alloc.k,
+        )
+        if own.k == 0:
+            selected = torch.empty(1, 1, 0, dtype=torch.long)
+        else:
+            observed = {name: [seen[layer]] for name, seen in self.observer.observed.items()}
+            source = _Scores(comp.scorers, layout, observed, self.adapter, self.cache, layer)
+            selected = comp.selector.select(source, own.candidates.to(torch.bool), own.k)
+        keep = _merge(own, selected, layout, comp.selector.name)
+        indices = keep_mask_to_indices(keep, comp.budgeter.name)  # [1, H|1, k] on the host
+        keep_layer_slots(self.adapter, self.cache, layer, indices[0])
+        if comp.engine.position_mode == "contiguous":
+            _rerotate_contiguous(
+                self.adapter, self.cache, layout, layout.context_index, indices, None, layer
+            )
+        self.indices[layer] = indices
+        self.seconds += time.perf_counter() - t0
+
+    def kept_index(self) -> torch.Tensor:
+        """[Ly, H, k] context position of every kept slot (after the pass)."""
+        missing = [i for i, idx in enumerate(self.indices) if idx is None]
+        if missing:  # a layer whose attention never ran: the adapter's hook is wrong
+            raise RuntimeError(f"layer-wise compression never reached layers {missing}")
+        n_kv = self.layout.context_index.shape[1]
+        indices = torch.cat([idx.expand(1, n_kv, -1) for idx in self.indices])
+        return _gather_index(self.layout.context_index, indices)
+
+
+def _layer_rows(mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s rows of a [Ly|1, H|1, N] mask."""
+    return mask[layer : layer + 1] if mask.shape[0] > 1 else mask
 
 
 def compress_step(
@@ -473,13 +616,20 @@ class KeyOrigins:
 
 
 def _rerotate_contiguous(
-    adapter: ModelAdapter, cache, layout, step_index, indices, origins: KeyOrigins | None
+    adapter: ModelAdapter,
+    cache,
+    layout,
+    step_index,
+    indices,
+    origins: KeyOrigins | None,
+    first_layer: int = 0,
 ) -> None:
     """Move kept keys from their current positions to 0..k-1.
 
     ``indices`` ([Ly|1, H|1, k], on the host after the engine's checks) is read on the host once
     per step, not per layer; the positions go to the device once, and one angle table per RoPE
-    (per step) serves every layer that uses it.
+    (per step) serves every layer that uses it. ``first_layer`` is the model layer of
+    ``step_index``'s layer 0 (the layer-wise path moves one layer at a time).
     """
     n_layers, n_kv, _ = step_index.shape
     # current position of every slot: past slots sit at 0..n_past-1, new rows right after; a
@@ -497,15 +647,16 @@ def _rerotate_contiguous(
     # every old and new position of this step is below n_slots, origins' below their end
     end = layout.n_slots if origins is None else max(layout.n_slots, origins.end)
     tables = AngleTables(end, device)
-    for layer in range(n_layers):
+    for local in range(n_layers):
+        layer = first_layer + local
         origin = (
-            None if origins is None else origins.take(layer, indices[min(layer, len(indices) - 1)])
+            None if origins is None else origins.take(layer, indices[min(local, len(indices) - 1)])
         )
         rope = adapter.rope(layer)
-        if rope is None or unchanged[layer]:
+        if rope is None or unchanged[local]:
             continue
         keys, values = adapter.layer_kv(cache, layer)
-        old_l = old_dev[layer]
+        old_l = old_dev[local]
         if origin is not None:
             keys, old_l = origin
         pos = old_l[0] if shared else old_l

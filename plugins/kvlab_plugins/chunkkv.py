@@ -57,6 +57,7 @@ class ContextPositionScorer(Scorer):
     """
 
     name: ClassVar[str] = "context_position"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
 
     def score(
         self,
@@ -149,6 +150,11 @@ class ChunkSelector(Selector):
 
     def scorer_names(self) -> tuple[str, ...]:
         return (self.scorer, self.positions)
+
+    @property
+    def layer_local(self) -> bool:
+        """Per-layer and per-head selections decide each layer alone; a global one does not."""
+        return self.granularity != "global"
 
     def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
         scores = reduce_scores(source.scores(self.scorer, candidates), self.granularity)

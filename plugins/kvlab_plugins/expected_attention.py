@@ -105,6 +105,7 @@ class ExpectedAttentionScorer(Scorer):
     """Expected attention of future queries on every context slot after the sinks: [Ly, H, N]."""
 
     name: ClassVar[str] = "expected_attention"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
     n_future_positions: int = attrs.field(default=512, validator=positive_int)
     n_sink: int = attrs.field(default=4, validator=non_negative_int)
     use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))

@@ -84,6 +84,7 @@ class H2OScorer(Scorer):
     """Accumulated causal attention of every row of the pass, per KV head."""
 
     name: ClassVar[str] = "h2o"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
     query_block: int = attrs.field(default=256, validator=positive_int)
     # (context_index, scores) of the last step that was scored; read by the decode evictor
     last: tuple[torch.Tensor, torch.Tensor] | None = attrs.field(
@@ -101,7 +102,11 @@ class H2OScorer(Scorer):
         cache_keys: Callable[[int], torch.Tensor],
     ) -> torch.Tensor:
         scores = torch.stack(list(observed))  # [Ly, H, N], on the model's device
-        self.last = (layout.context_index, scores)
+        if layout.first_layer == 0:
+            self.last = (layout.context_index, scores)
+        else:  # layer-wise compression scores layers 0, 1, ... one at a time: append the layer
+            index, before = self.last
+            self.last = (torch.cat([index, layout.context_index]), torch.cat([before, scores]))
         return scores
 
     def kept_scores(self, context_index: torch.Tensor) -> torch.Tensor:

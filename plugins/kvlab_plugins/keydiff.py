@@ -50,6 +50,7 @@ class KeyDiffScorer(Scorer):
     """Negative cosine similarity of every key with its head's normalised mean context key."""
 
     name: ClassVar[str] = "keydiff"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
 
     def score(
         self,

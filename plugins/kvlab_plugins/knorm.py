@@ -40,6 +40,7 @@ class KnormScorer(Scorer):
     """Negative L2 norm of every cached key: low-norm keys score highest. [Ly, H, N]."""
 
     name: ClassVar[str] = "knorm"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
 
     def score(
         self,

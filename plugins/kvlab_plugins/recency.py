@@ -18,6 +18,11 @@ class RecencySelector(Selector):
 
     name: ClassVar[str] = "recency"
 
+    @property
+    def layer_local(self) -> bool:
+        """A layer's most recent candidates depend on that layer's candidates alone."""
+        return True
+
     def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
         n = candidates.shape[-1]
         order = torch.arange(n, dtype=torch.float32).expand(*candidates.shape[:2], n)

@@ -74,6 +74,7 @@ class SnapKVScorer(Scorer):
     """Window-attention votes, pooled along the sequence; one score row per KV head."""
 
     name: ClassVar[str] = "snapkv_window"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
     window: int = attrs.field(default=32, validator=positive_int)
     kernel: int = attrs.field(default=7, validator=_odd_kernel)
     pooling: Pooling = attrs.field(default="max", validator=attrs.validators.in_(("max", "avg")))

@@ -25,6 +25,11 @@ class TopKSelector(Selector):
     def scorer_names(self) -> tuple[str, ...]:
         return (self.scorer,)
 
+    @property
+    def layer_local(self) -> bool:
+        """Per-layer and per-head selections decide each layer alone; a global one does not."""
+        return self.granularity != "global"
+
     def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
         scores = reduce_scores(source.scores(self.scorer, candidates), self.granularity)
         return topk_candidates(scores, candidates, k)

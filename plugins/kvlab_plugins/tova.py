@@ -45,6 +45,7 @@ class TOVAScorer(Scorer):
     """The last row's attention, averaged over every query head of the layer: [Ly, 1, N]."""
 
     name: ClassVar[str] = "tova"
+    layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
         return tova_scores(obs.attention(slice(obs.n_rows - 1, obs.n_rows)))

@@ -8,7 +8,9 @@ too, so these tests fail on this CPU-only suite when one is put back into a hot 
 - ``Scorer.score`` and ``Selector.select`` run once per step: no tensor copied to the host
   (scores, top-k and index sets stay on the model's device);
 - a whole compression step (budgeter, checks, selection, gathers, re-rotation) reads the host a
-  constant number of times: the same count for a 2-layer/2-head and a 4-layer/4-head model;
+  constant number of times: the same count for a 2-layer/2-head and a 4-layer/4-head model
+  (compressing after the forward pass; layer-wise compression inside the pass checks every
+  layer's scores and selection, a constant number of reads per layer: tests/core/test_layerwise.py);
 - decode-time eviction (H2O) copies nothing to the host per token.
 """
 
@@ -49,7 +51,7 @@ def _sectioned(monkeypatch, rec: HostTransferRecorder, cls: type, method: str, l
     monkeypatch.setattr(cls, method, wrapped)
 
 
-def _record(monkeypatch, spec: str, **model):
+def _record(monkeypatch, spec: str, layerwise: bool = True, **model):
     """Prefill and compress under the recorder; sections for the plugins and the engine step."""
     lm = tiny_model("llama", seed=3, **model)
     comp = load_policy(spec).compose()
@@ -68,7 +70,7 @@ def _record(monkeypatch, spec: str, **model):
         monkeypatch.setattr(runner, name, step)
     segments = build_prompt(lm.tokenizer, CONTEXT, QUESTION)
     with rec:
-        state = prefill_and_compress(lm, comp, segments)
+        state = prefill_and_compress(lm, comp, segments, layerwise=layerwise)
     monkeypatch.undo()
     return rec, state
 
@@ -86,8 +88,8 @@ def test_no_host_transfer_in_scorers_and_selectors(monkeypatch, spec):
 
 @pytest.mark.parametrize("spec", POLICIES)
 def test_host_reads_per_step_do_not_grow_with_layers_or_heads(monkeypatch, spec):
-    small, s_state = _record(monkeypatch, spec, layers=2, heads=4, kv_heads=2)
-    large, l_state = _record(monkeypatch, spec, layers=4, heads=8, kv_heads=4)
+    small, s_state = _record(monkeypatch, spec, False, layers=2, heads=4, kv_heads=2)
+    large, l_state = _record(monkeypatch, spec, False, layers=4, heads=8, kv_heads=4)
     assert s_state.blocks == l_state.blocks
     for label in ("step", "score", "select"):
         n_small, n_large = len(small.events_in(label)), len(large.events_in(label))
