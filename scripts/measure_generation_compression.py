@@ -14,7 +14,7 @@ Three settings per sample, the same policy scorer throughout:
 - ``on``: the whole context kept at prefill, then ``decode_interval=N,decode_budget=PEAK-N``, so
   the cache never exceeds ``PEAK`` slots either.
 
-Usage (CPU, about 1 s per generated token per setting on a loaded 2-core machine)::
+Usage (CPU: one answer takes 20 s to 90 s on a loaded 2-core machine)::
 
     python scripts/measure_generation_compression.py --samples 8 --policy snapkv
 """
