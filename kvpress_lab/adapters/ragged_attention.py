@@ -9,8 +9,9 @@ used, and a model is switched to it only for the duration of a forward pass over
 (:func:`ragged_attention_for`). An implementation name that transformers has no mask function for
 makes it skip mask construction, which this function does not need.
 
-The CPU path loops over KV heads and reads the body through views (no padding, no copy of the
-cache per step); only the ``G x r x (L_h + t)`` logits of one head exist at a time. Logits are
+The CPU path loops over KV heads and reads each head's body rows through views (no padding, no
+copy of the cache per step); the dense tail's logits are formed for all heads in one batched
+product, and only the ``G x r x (L_h + t)`` logits of one head exist at a time. Logits are
 scaled, soft-capped where the layer caps them (Gemma 2) and normalised in float32, as the eager
 implementation does. Sliding-window layers are exact only while the run spans no more than the
 window, so longer spans are refused.
@@ -68,27 +69,30 @@ def ragged_attention_forward(
     if sliding_window is not None:
         span = max(key.lengths) + t  # every head's tokens, all visible to the last query
         _check_window(module, sliding_window, span)
-    causal = None
+    qs = query[0].reshape(h_kv, g * r, d)  # the G query heads of KV head h are rows of qs[h]
+    # the tail (tokens appended since the build) is dense: its logits for all heads at once
+    tail = _capped(torch.matmul(qs, key.tail.transpose(1, 2)) * scaling, softcap)
     if r > 1:
         # the current rows are the tail's last r entries: row i sees tail entries up to t - r + i
         rows = torch.arange(r, device=query.device)[:, None]
         cols = torch.arange(t, device=query.device)[None, :]
         causal = cols > rows + (t - r)
-    out = query.new_empty(1, r, hq, value.body.shape[-1])
+        tail = tail.view(h_kv, g, r, t).masked_fill(causal, float("-inf")).view(h_kv, g * r, t)
+    out = query.new_empty(h_kv, g * r, value.body.shape[-1])
     for h in range(h_kv):
-        q = query[0, h * g : (h + 1) * g]  # [G, r, d]
-        kb, vb = key.head(h), value.head(h)
-        kt, vt = key.tail[h], value.tail[h]
+        kb, vb = key.head(h), value.head(h)  # views into the packed body
         n_body = kb.shape[0]
-        logits = torch.cat([q @ kb.transpose(0, 1), q @ kt.transpose(0, 1)], dim=-1) * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        if causal is not None:
-            logits[..., n_body:] = logits[..., n_body:].masked_fill(causal, float("-inf"))
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = probs[..., :n_body] @ vb + probs[..., n_body:] @ vt  # [G, r, d_v]
-        out[0, :, h * g : (h + 1) * g] = o.transpose(0, 1)
+        body = _capped(torch.mm(qs[h], kb.t()) * scaling, softcap)
+        probs = torch.softmax(torch.cat([body, tail[h]], dim=-1), -1, dtype=torch.float32)
+        probs = probs.to(vb.dtype)  # as eager attention: float32 softmax, cast back
+        torch.mm(probs[:, :n_body], vb, out=out[h])
+        out[h].addmm_(probs[:, n_body:], value.tail[h])
+    out = out.view(hq, r, -1).transpose(0, 1)[None]
     return out, None
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def _check_window(module: nn.Module, window: int, span: int) -> None:
