@@ -12,7 +12,8 @@ Each policy (every ``kvlab_policies`` entry of the registry but the kvpress brid
 token ids, the question 16 tokens, 8 answer tokens. Per cell it records the wall time of
 prefill, compression and decode (the engine's own split, :class:`~kvpress_lab.engine.result.
 RunResult`), the peak resident memory of the process during the run (Linux ``VmHWM``, reset
-before each run through ``/proc/self/clear_refs``) and the peak KV slots held per layer.
+before each run through ``/proc/self/clear_refs``; the growth over the resident memory before the
+run is what the run itself allocated) and the peak KV slots held per layer.
 
 Expected growth of the peak KV in ``L`` (context tokens), ``Q`` question tokens, keep ratio
 ``r``:
@@ -101,13 +102,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB, never reset
 
 
@@ -134,6 +142,7 @@ def run_cell(lm, name: str, length: int) -> dict:
     row = {"policy": name, "spec": spec_for(name), "length": length, "expected_peak_kv": law}
     row["expected_peak_kv_tokens"] = bound
     resettable = _reset_peak_rss()
+    rss_before = _status_bytes("VmRSS") or 0  # the process (torch, model) before the run
     t0 = time.perf_counter()
     try:
         res = run_segments(lm, load_policy(spec_for(name)), seg, max_new_tokens=NEW_TOKENS)
@@ -148,6 +157,8 @@ def run_cell(lm, name: str, length: int) -> dict:
         decode_s=round(res.decode_s, 4),
         peak_rss_bytes=_peak_rss_bytes(),
         peak_rss_reset=resettable,
+        rss_before_bytes=rss_before,
+        peak_rss_growth_bytes=_peak_rss_bytes() - rss_before,
         peak_kv_tokens=res.peak_kv_tokens,
         peak_kv_bytes=res.peak_kv_bytes,
         kept_tokens=int(res.kept_indices.shape[-1]),
