@@ -34,6 +34,8 @@ own cost. Results are appended to ``KVLAB_BENCH_SCALING_OUT`` (default
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -94,7 +96,16 @@ def expected_peak_kv(name: str, length: int) -> tuple[str, int]:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process; False where that is impossible."""
+    """Reset the kernel's peak-RSS mark of this process; False where that is impossible.
+
+    Memory the previous cell freed is first handed back to the kernel (glibc ``malloc_trim``):
+    otherwise the next run reuses it without the resident size growing, and its growth reads 0.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
