@@ -13,8 +13,10 @@ is one index set for the whole model, ``[Ly, 1, k]`` one per layer, ``[Ly, H, k]
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from kvpress_lab.adapters import ModelAdapter
 
 __all__ = [
+    "ATTENTION_CHUNK_ELEMENTS",
     "Allocation",
+    "AttentionBlock",
     "Budgeter",
     "KVCacheView",
     "LayerObservation",
@@ -33,6 +37,8 @@ __all__ = [
     "Scorer",
     "Selector",
     "StepLayout",
+    "attention_chunk",
+    "attention_chunk_elements",
 ]
 
 
@@ -120,6 +126,70 @@ class Probe:
     span: tuple[int, int] = (0, 0)
 
 
+ATTENTION_CHUNK_ELEMENTS = 1 << 24
+"""Default bound on the attention weights a scorer forms at once: 2**24 float32 (64 MiB).
+
+:meth:`LayerObservation.attention_blocks` never forms more than this many weights in one block
+(the logits and their softmax are two such tensors, plus a boolean causal mask of one row block),
+whatever the number of rows, heads and keys: at 128k keys and 32 query heads, H2O's 256-row
+blocks would otherwise need 4 GiB each. Change it for a region of code with
+:func:`attention_chunk`.
+"""
+
+_ATTENTION_CHUNK: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "attention_chunk", default=ATTENTION_CHUNK_ELEMENTS
+)
+
+
+def attention_chunk_elements() -> int:
+    """The bound :meth:`LayerObservation.attention_blocks` uses here (weights per block)."""
+    return _ATTENTION_CHUNK.get()
+
+
+@contextlib.contextmanager
+def attention_chunk(elements: int) -> Iterator[None]:
+    """Bound every attention block formed inside the ``with`` to ``elements`` float32 weights.
+
+    ```python
+    with attention_chunk(1 << 20):  # 4 MiB blocks
+        run(lm, "h2o:keep_ratio=0.25", context, question)
+    ```
+    A block holds at least one row of one KV head's query group over its visible keys, so the
+    bound is exceeded only when a single such row does not fit.
+    """
+    from kvpress_lab.errors import ConfigError
+
+    if not isinstance(elements, int) or isinstance(elements, bool) or elements < 1:
+        raise ConfigError(
+            f"attention_chunk(elements={elements!r}) is invalid: it must be a positive integer "
+            f"number of float32 attention weights per block (default {ATTENTION_CHUNK_ELEMENTS})"
+        )
+    token = _ATTENTION_CHUNK.set(elements)
+    try:
+        yield
+    finally:
+        _ATTENTION_CHUNK.reset(token)
+
+
+@attrs.frozen
+class AttentionBlock:
+    """One block of softmax attention weights from :meth:`LayerObservation.attention_blocks`.
+
+    ``weights`` [B, h, G, r, n] float32 are the weights of the pass rows ``rows`` (absolute row
+    indices of the forward pass), KV heads ``heads`` (with their ``G`` query heads each) over the
+    key slots ``keys`` (or, when the caller passed ``slots``, positions ``keys`` of that list).
+    Softmax normalisation always runs over every key a row can see, so blocks can be summed into
+    a full-size result. ``complete`` is True when this single block covers every requested row,
+    head and key (a scorer may then reduce it exactly as it would the whole tensor).
+    """
+
+    rows: slice
+    heads: slice
+    keys: slice
+    weights: torch.Tensor
+    complete: bool
+
+
 @attrs.frozen
 class LayerObservation:
     """What a scorer sees of one attention layer during a forward pass.
@@ -180,6 +250,65 @@ class LayerObservation:
             visible = torch.arange(n, device=logits.device)[None, :] <= row_slot[:, None]
             logits = logits.masked_fill(~visible, float("-inf"))
         return torch.softmax(logits, dim=-1)
+
+    def attention_blocks(
+        self,
+        rows: slice,
+        causal: bool = True,
+        slots: torch.Tensor | None = None,
+        max_rows: int | None = None,
+    ) -> Iterator[AttentionBlock]:
+        """:meth:`attention` of ``rows`` in memory-bounded blocks (row chunks x KV-head chunks).
+
+        Every block holds at most :func:`attention_chunk_elements` weights (default
+        :data:`ATTENTION_CHUNK_ELEMENTS`) and at most ``max_rows`` rows; row chunks are as long
+        as the bound allows, then as many KV heads as fit are taken together. Causal blocks
+        (``slots`` None) stop at the last slot their last row can see, so the keys after it are
+        never multiplied. Scorers reduce each block into an ``[H, N]``-sized result: nothing of
+        size rows x keys x heads ever exists at once. When everything fits in one block, that
+        block equals :meth:`attention` exactly (``complete`` is True).
+        """
+        n_rows = rows.stop - rows.start
+        b, h, n, _ = self.keys.shape
+        n_keys = n if slots is None else int(slots.shape[0])
+        if n_rows <= 0 or n_keys == 0:
+            return
+        queries = self.queries(rows)
+        g = queries.shape[1] // h
+        limit = attention_chunk_elements()
+        per_row = b * g * n_keys  # weights of one row of one KV head's group
+        row_step = max(1, min(n_rows, limit // per_row, max_rows or n_rows))
+        head_step = max(1, min(h, limit // (per_row * row_step)))
+        complete = row_step == n_rows and head_step == h
+        for h0 in range(0, h, head_step):
+            h1 = min(h, h0 + head_step)
+            keys = self.keys[:, h0:h1]
+            if slots is not None:
+                keys = keys.index_select(2, slots)
+            keys = keys.float()  # once per head chunk, not once per row block
+            for r0 in range(rows.start, rows.stop, row_step):
+                r1 = min(rows.stop, r0 + row_step)
+                # causal: the block's last row sees slots up to n_past + r1 - 1 (inclusive)
+                visible = min(n_keys, self.n_past + r1) if causal and slots is None else n_keys
+                q = queries[:, h0 * g : h1 * g, r0 - rows.start : r1 - rows.start]
+                logits = self.adapter.attention_logits(self.layer_idx, q, keys[:, :, :visible])
+                if causal:
+                    row_slot = self.n_past + torch.arange(r0, r1, device=logits.device)
+                    key_slot = (
+                        torch.arange(visible, device=logits.device)
+                        if slots is None
+                        else slots.to(logits.device)
+                    )
+                    hidden = key_slot[None, :] > row_slot[:, None]
+                    logits.masked_fill_(hidden, float("-inf"))
+                yield AttentionBlock(
+                    rows=slice(r0, r1),
+                    heads=slice(h0, h1),
+                    keys=slice(0, visible),
+                    weights=torch.softmax(logits, dim=-1),
+                    complete=complete and visible == n_keys,
+                )
+                del logits
 
 
 class KVCacheView:

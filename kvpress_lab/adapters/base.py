@@ -205,10 +205,10 @@ class ModelAdapter:
         logits = torch.matmul(
             q.float().reshape(b, h, g * r, d), keys.float().transpose(-1, -2)
         ).view(b, h, g, r, -1)
-        logits = logits * self.scaling(layer)
+        logits.mul_(self.scaling(layer))  # in place: one [B, H, G, r, N] tensor, not two
         cap = self.logit_softcap(layer)
         if cap:
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits
 
     # ---------------------------------------------------------------- cache

@@ -9,8 +9,9 @@ with the softmax over every key the question token can see (past + block + earli
 tokens, causal), accumulated in float32. Queries are recomputed from each layer's input (q_proj,
 q_norm where present, RoPE at the question's positions) by
 :meth:`~kvpress_lab.interfaces.LayerObservation.attention`, so the model can run under SDPA or
-FlashAttention; only a (question x visible keys) block is formed per layer and GQA keys are
-broadcast, never copied. The score is one global vector: selection is shared by every layer and
+FlashAttention; the weights are formed in memory-bounded blocks
+(:meth:`~kvpress_lab.interfaces.LayerObservation.attention_blocks`) and GQA keys are broadcast,
+never copied. The score is one global vector: selection is shared by every layer and
 every KV head. When the question is not visible (query-agnostic protocol) the block's trailing
 observation window stands in for it.
 """
@@ -36,8 +37,17 @@ class ExactScorer(Scorer):
     name: ClassVar[str] = "exact"
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
-        attn = obs.attention(obs.observation_rows())  # [B, H_kv, G, r, N] float32
-        return attn.sum(dim=(0, 2, 3))  # [H_kv, N]
+        _, h, n, _ = obs.keys.shape
+        out = None
+        # memory-bounded blocks of [B, H_kv, G, r, N] float32 weights, summed into [H_kv, N]
+        for blk in obs.attention_blocks(obs.observation_rows()):
+            part = blk.weights.sum(dim=(0, 2, 3))
+            if blk.complete:
+                return part
+            if out is None:
+                out = part.new_zeros(h, n)
+            out[blk.heads, blk.keys] += part
+        return out if out is not None else torch.zeros(h, n, device=obs.keys.device)
 
     def score(
         self,

@@ -36,14 +36,18 @@ from kvpress_lab.policy import Composition, EngineOptions, Policy, budget_tokens
 from kvpress_lab.validators import check_keep_ratio, positive_int
 
 
-def finch_layer_scores(attn: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
-    """FINCH scores of one layer: [N] float32.
+def finch_layer_scores(
+    attn: torch.Tensor, row_positions: torch.Tensor, n_keys: int | None = None
+) -> torch.Tensor:
+    """FINCH scores of one layer (or of one block of its rows and heads): [n] float32.
 
     Args:
-        attn: [B, H, G, r, N] softmax attention of the question rows over all ``N`` keys.
+        attn: [B, H, G, r, n] softmax attention of question rows over the first ``n`` keys.
         row_positions: [r] positions of those rows (contiguous mode: their slot indices).
+        n_keys: keys visible to the last question row (the ``N`` of the normalisation);
+            defaults to ``n``, the whole layer.
     """
-    n = attn.shape[-1]
+    n = attn.shape[-1] if n_keys is None else n_keys
     weight = (row_positions.to(torch.float32) + 1.0) / n  # [r]
     return (attn.float() * weight.to(attn.device)[:, None]).sum(dim=(0, 1, 2, 3))
 
@@ -56,9 +60,18 @@ class FinchScorer(Scorer):
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
         rows = obs.observation_rows()  # the question (query-agnostic: trailing window)
-        attn = obs.attention(rows)
-        positions = obs.n_past + torch.arange(rows.start, rows.stop, device=attn.device)
-        return finch_layer_scores(attn, positions)[None]  # [1, N]
+        n = obs.keys.shape[2]
+        out = torch.zeros(1, n, device=obs.keys.device)
+        # memory-bounded blocks of the question's attention, summed over heads and rows
+        for blk in obs.attention_blocks(rows):
+            positions = obs.n_past + torch.arange(
+                blk.rows.start, blk.rows.stop, device=blk.weights.device
+            )
+            part = finch_layer_scores(blk.weights, positions, n_keys=n)
+            if blk.complete:
+                return part[None]  # [1, N]
+            out[0, blk.keys] += part
+        return out
 
     def score(
         self,

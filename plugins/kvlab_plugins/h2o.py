@@ -41,22 +41,21 @@ check_recent_fraction = unit_interval(
 
 def accumulated_attention(obs: Any, query_block: int) -> torch.Tensor:
     """Sum of causal softmax attention over all rows of the pass and the query heads of each KV
-    head: [H, N] float32. Rows are processed ``query_block`` at a time, so at most
-    ``[H, G, query_block, N]`` attention weights exist at once; a block's rows only see keys up to
-    its last row, so later keys are left out of its product altogether.
+    head: [H, N] float32.
+
+    The weights come from :meth:`~kvpress_lab.interfaces.LayerObservation.attention_blocks`, at
+    most ``query_block`` rows and the engine's attention chunk of weights at a time (the official
+    code forms the whole ``[heads, rows, N]`` matrix; at 128k keys that is hundreds of GiB). A
+    block's rows only see keys up to its last row, so later keys are left out of its product.
     """
     total = None
-    n_keys = obs.n_past + obs.n_rows
-    for r0 in range(0, obs.n_rows, query_block):
-        r1 = min(obs.n_rows, r0 + query_block)
-        visible = obs.n_past + r1
-        view = obs
-        if attrs.has(type(obs)) and visible < n_keys:
-            view = attrs.evolve(obs, keys=obs.keys[:, :, :visible])
-        part = view.attention(slice(r0, r1)).sum(dim=(0, 2, 3))  # [H, visible or N]
+    for blk in obs.attention_blocks(slice(0, obs.n_rows), max_rows=query_block):
         if total is None:
-            total = part.new_zeros(part.shape[0], n_keys)
-        total[:, : part.shape[-1]] += part
+            n_heads, n_keys = obs.keys.shape[1], obs.n_past + obs.n_rows
+            total = blk.weights.new_zeros(n_heads, n_keys)
+        total[blk.heads, blk.keys] += blk.weights.sum(dim=(0, 2, 3))
+    if total is None:  # no rows
+        total = torch.zeros(obs.keys.shape[1], obs.n_past, device=obs.keys.device)
     return total
 
 

@@ -42,6 +42,26 @@ def _odd_kernel(instance, attribute, value) -> None:
         )
 
 
+def snapkv_votes(attn: torch.Tensor, n_pre: int, aggregation: Aggregation) -> torch.Tensor:
+    """Window votes on the first ``n_pre`` keys: ``attn`` [B, H, G, w, N] -> [H, G, n_pre]."""
+    votes = attn[..., :n_pre].float()
+    votes = votes.sum(dim=-2) if aggregation == "sum" else votes.mean(dim=-2)  # [B, H, G, n_pre]
+    return votes.sum(dim=0)
+
+
+def snapkv_pool(votes: torch.Tensor, n: int, kernel: int, pooling: Pooling) -> torch.Tensor:
+    """Pool ``votes`` [H, G, n_pre] along the keys, average the group: [H, n], zero past n_pre."""
+    h, g, n_pre = votes.shape
+    out = torch.zeros(h, n, dtype=torch.float32, device=votes.device)
+    if n_pre <= 0:
+        return out
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    pooled = pool(votes.reshape(h * g, 1, n_pre), kernel_size=kernel, stride=1, padding=kernel // 2)
+    # GQA: one score per KV head, the mean over its query heads (kvpress; SnapKV issue #22)
+    out[:, :n_pre] = pooled.reshape(h, g, n_pre).mean(dim=1)
+    return out
+
+
 def snapkv_window_scores(
     attn: torch.Tensor, kernel: int, pooling: Pooling, aggregation: Aggregation
 ) -> torch.Tensor:
@@ -54,19 +74,9 @@ def snapkv_window_scores(
         [H, N] float32: pooled, group-averaged votes on the ``N - w`` keys before the window,
         zero on the window's own slots (the budgeter protects or drops those).
     """
-    b, h, g, w, n = attn.shape
-    n_pre = n - w
-    out = torch.zeros(h, n, dtype=torch.float32, device=attn.device)
-    if n_pre <= 0:
-        return out
-    votes = attn[..., :n_pre].float()
-    votes = votes.sum(dim=-2) if aggregation == "sum" else votes.mean(dim=-2)  # [B, H, G, n_pre]
-    votes = votes.sum(dim=0).reshape(h * g, 1, n_pre)
-    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-    pooled = pool(votes, kernel_size=kernel, stride=1, padding=kernel // 2)
-    # GQA: one score per KV head, the mean over its query heads (kvpress; SnapKV issue #22)
-    out[:, :n_pre] = pooled.reshape(h, g, n_pre).mean(dim=1)
-    return out
+    _, _, _, w, n = attn.shape
+    n_pre = max(0, n - w)
+    return snapkv_pool(snapkv_votes(attn, n_pre, aggregation), n, kernel, pooling)
 
 
 @attrs.define(kw_only=True)
@@ -86,8 +96,24 @@ class SnapKVScorer(Scorer):
         # the last `window` rows of the forward input: the question when it is appended,
         # the trailing context rows under the query-agnostic protocol
         rows = slice(max(0, obs.n_rows - self.window), obs.n_rows)
-        attn = obs.attention(rows)  # causal inside the window, float32
-        return snapkv_window_scores(attn, self.kernel, self.pooling, self.aggregation)
+        _, h, n, _ = obs.keys.shape
+        w = rows.stop - rows.start
+        n_pre = max(0, n - w)
+        votes = None
+        # memory-bounded blocks (causal inside the window, float32); the votes are [H, G, n_pre]
+        for blk in obs.attention_blocks(rows):
+            part = snapkv_votes(blk.weights, min(n_pre, blk.keys.stop), self.aggregation)
+            if blk.complete:
+                votes = part
+                break
+            if votes is None:
+                votes = part.new_zeros(h, part.shape[1], n_pre)
+            if self.aggregation == "mean":  # a block's mean over its rows, weighted to the window
+                part = part * ((blk.rows.stop - blk.rows.start) / w)
+            votes[blk.heads, :, : part.shape[-1]] += part
+        if votes is None:
+            return torch.zeros(h, n, device=obs.keys.device)
+        return snapkv_pool(votes, n, self.kernel, self.pooling)
 
     def score(
         self,

@@ -48,7 +48,16 @@ class TOVAScorer(Scorer):
     layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
-        return tova_scores(obs.attention(slice(obs.n_rows - 1, obs.n_rows)))
+        n = obs.keys.shape[2]
+        total = torch.zeros(1, n, device=obs.keys.device)
+        count = 0
+        # memory-bounded blocks of the last row's attention (KV-head chunks at long contexts)
+        for blk in obs.attention_blocks(slice(obs.n_rows - 1, obs.n_rows)):
+            if blk.complete:
+                return tova_scores(blk.weights)
+            total[0, blk.keys] += blk.weights.sum(dim=(0, 1, 2, 3))
+            count += blk.weights[..., 0, 0].numel()  # B x heads x G query heads of the block
+        return total / max(count, 1)
 
     def score(
         self,

@@ -14,7 +14,7 @@ from kvlab_plugins.sink_window import SinkWindowBudgeter
 from kvlab_plugins.snapkv import snapkv_window_scores
 
 from kvpress_lab.errors import ConfigError
-from kvpress_lab.interfaces import ScoreSource, StepLayout
+from kvpress_lab.interfaces import AttentionBlock, ScoreSource, StepLayout
 from kvpress_lab.spec import load_policy
 
 
@@ -73,10 +73,31 @@ class FakeObservation:
     def observation_rows(self) -> slice:
         return self.question_rows
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stand-in keys: only their shape [B, H, N, 1] is read."""
+        b, h, _, _, n = self.attn.shape
+        return self.attn.new_zeros(b, h, n, 1)
+
     def attention(self, rows: slice) -> torch.Tensor:
         self.requests.append(rows)
         assert rows.start >= self.first_row, "asked for rows the hand-built tensor does not hold"
         return self.attn[..., rows.start - self.first_row : rows.stop - self.first_row, :]
+
+    def attention_blocks(self, rows: slice, causal: bool = True, slots=None, max_rows=None):
+        """Row chunks of at most ``max_rows`` rows, every head and key (one request each)."""
+        step = max_rows or (rows.stop - rows.start)
+        h, n = self.attn.shape[1], self.attn.shape[-1]
+        for r0 in range(rows.start, rows.stop, step):
+            r1 = min(rows.stop, r0 + step)
+            whole = r0 == rows.start and r1 == rows.stop
+            yield AttentionBlock(
+                rows=slice(r0, r1),
+                heads=slice(0, h),
+                keys=slice(0, n),
+                weights=self.attention(slice(r0, r1)),
+                complete=whole,
+            )
 
 
 def kept(comp, lay: StepLayout, scores: torch.Tensor | None = None) -> list[list[int]]:

@@ -14,7 +14,7 @@ from kvlab_plugins.tova import TOVAScorer
 from tiny import tiny_model
 
 from kvpress_lab import run
-from kvpress_lab.interfaces import StepLayout
+from kvpress_lab.interfaces import AttentionBlock, StepLayout
 from kvpress_lab.spec import load_policy
 
 CONTEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 4
@@ -76,10 +76,28 @@ class LastRowObservation:
         self.attn, self.n_rows = attn, n_rows
         self.requests: list[slice] = []
 
+    @property
+    def keys(self) -> torch.Tensor:
+        """Stand-in keys: only their shape [B, H, N, 1] is read."""
+        b, h, _, _, n = self.attn.shape
+        return self.attn.new_zeros(b, h, n, 1)
+
     def attention(self, rows: slice) -> torch.Tensor:
         self.requests.append(rows)
         assert (rows.start, rows.stop) == (self.n_rows - 1, self.n_rows)
         return self.attn
+
+    def attention_blocks(self, rows: slice, causal: bool = True, slots=None, max_rows=None):
+        """One block per KV head (as a small attention chunk gives), to test the reduction."""
+        attn = self.attention(rows)
+        for h in range(attn.shape[1]):
+            yield AttentionBlock(
+                rows=rows,
+                heads=slice(h, h + 1),
+                keys=slice(0, attn.shape[-1]),
+                weights=attn[:, h : h + 1],
+                complete=False,
+            )
 
 
 def test_tova_scores_average_the_last_row_over_every_query_head():
