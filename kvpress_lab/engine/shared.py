@@ -10,6 +10,13 @@ engine's own :func:`~kvpress_lab.engine.runner.compress_step` and answers. The r
 as an independent :func:`~kvpress_lab.engine.api.run_segments` per policy (kept indices and
 answer), at the cost of one prefill instead of one per policy.
 
+Layer-wise compression (:func:`~kvpress_lab.engine.runner.compresses_layerwise`) does not apply
+here, by design: every policy compresses its own copy of the one full cache, so that cache is held
+in full until the last policy has compressed. Each record's ``peak_kv_bytes`` is the measured size
+of that shared cache (or more, for a probe pass), which for a layer-local policy is higher than
+the peak of an independent run of it; run the policy alone (``kvlab run``) to measure its own
+layer-wise peak.
+
 Timing: every result carries the *shared* prefill time (the forward pass minus the time spent in
 all policies' scorers); ``compress_s`` is the policy's own scorer time plus its selection and
 gather.
