@@ -767,8 +767,11 @@ def _row(
         "peak_kv_tokens": result.peak_kv_tokens,
         "prefill_s": round(result.prefill_s, 6),
         "compress_s": round(result.compress_s, 6),
+        "probe_s": round(result.probe_s, 6),
         "decode_s": round(result.decode_s, 6),
         "decode_tokens": n_answer,
+        "decode_compressions": result.decode_compressions,
+        "decode_peak_kv_tokens": result.decode_peak_kv_tokens,
         "decode_tokens_per_s": round(n_answer / result.decode_s, 3)
         if result.decode_s > 0
         else None,

@@ -143,4 +143,5 @@ def answer_compressed(
         target_tokens=comp.budgeter.target_tokens(state.context_length),
         decode_compressions=compressor.compressions if compressor is not None else 0,
         decode_peak_kv_tokens=record.peak_kv_tokens,
+        probe_s=state.probe_s,
     )

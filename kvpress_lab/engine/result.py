@@ -37,6 +37,8 @@ class RunResult:
     # question and generated tokens; the cache at the start of decoding when nothing was fed)
     decode_compressions: int = 0
     decode_peak_kv_tokens: int = 0
+    # wall time of scorers' probe passes (KVzip's context reconstruction), part of compress_s
+    probe_s: float = 0.0
 
     @property
     def context_tokens(self) -> int:
@@ -77,6 +79,7 @@ class RunResult:
             "blocks": self.blocks,
             "decode_compressions": self.decode_compressions,
             "decode_peak_kv_tokens": self.decode_peak_kv_tokens,
+            "probe_s": round(self.probe_s, 6),
         }
         if indices:
             data["context_token_ids"] = self.context_token_ids

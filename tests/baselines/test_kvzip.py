@@ -244,6 +244,10 @@ def test_probe_cost_is_reported():
     assert state.peak_kv_tokens == L + len(_chars(FIRST_PROMPT + "\n")) + L
     other = prefill_and_compress(lm, load_policy("random:keep_ratio=0.3"), segments)
     assert other.probe_s == 0.0
+    # the answer's record carries it too (kvlab run --json, compare rows)
+    result = run_segments(lm, load_policy("kvzip:keep_ratio=0.3"), segments, max_new_tokens=2)
+    assert 0 < result.probe_s <= result.compress_s
+    assert result.to_dict(indices=False)["probe_s"] == round(result.probe_s, 6)
 
 
 def test_probe_pass_leaves_the_cache_as_it_was():

@@ -68,9 +68,11 @@ def test_end_to_end_writes_every_artifact(lm, test_registry, tmp_path):
             "params", "task", "sample_id", "target_length", "prompt_tokens", "prediction",
             "references", "score", "kept_tokens", "target_tokens", "kv_bytes_full",
             "kv_bytes_kept", "peak_kv_bytes", "prefill_s", "compress_s", "decode_s",
-            "decode_tokens_per_s", "shared_prefill", "protocol", "seed",
+            "decode_tokens_per_s", "shared_prefill", "protocol", "seed", "probe_s",
+            "decode_compressions", "decode_peak_kv_tokens",
         ):  # fmt: skip
             assert field in r, field
+        assert r["probe_s"] == 0.0 and r["decode_compressions"] == 0  # no probe, no decode option
         assert r["protocol"] == "question-aware" and r["seed"] == 0
         assert r["prompt_tokens"] == pytest.approx(LENGTH, rel=0.03)
         if r["spec"] != "full":
