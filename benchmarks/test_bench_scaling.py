@@ -22,8 +22,8 @@ Expected growth of the peak KV in ``L`` (context tokens), ``Q`` question tokens,
 - block-wise policies (``block_size = S``: LASER-KV, Finch): the kept tokens of the earlier
   blocks plus one block plus the question, at most ``r L + S + Q``;
 - policies whose scorer runs probe passes (KVzip, Kim et al. 2025, re-feeds the context in
-  chunks after a repeat prompt over the full cache): ``L + Q`` plus the probe, at most ``2 L``
-  plus the prompt.
+  chunks of ``C = chunk_size`` tokens after a repeat prompt of ``p`` tokens, over the full
+  cache): ``L + Q + C + p``.
 
 Both grow with slope 1 on a log-log plot; what separates them is the coefficient (1 vs ``r``).
 Prefill time grows with slope between 1 (projections, MLP) and 2 (attention over the whole
@@ -58,6 +58,7 @@ KEEP_RATIO = 0.25
 QUESTION_TOKENS = 16
 NEW_TOKENS = 8
 ALL_LENGTHS = "4096,8192,16384,32768,65536,131072"
+PROBE_PROMPT = 128  # bound on a probe's prompt tokens (KVzip: the repeat instruction and overlap)
 EXCLUDED_PLUGINS = ("kvpress_bridge",)  # kvpress's own presses, benchmarked by kvpress
 
 
@@ -84,11 +85,13 @@ def spec_for(name: str) -> str:
 
 def expected_peak_kv(name: str, length: int) -> tuple[str, int]:
     """The stated growth law of the peak KV slots and its value at ``length``."""
-    comp = load_policy(spec_for(name)).compose()
+    policy = load_policy(spec_for(name))
+    comp = policy.compose()
     block = comp.engine.block_size
     probing = any(type(s).probes is not Scorer.probes for s in comp.scorers.values())
-    if probing:  # probe passes re-feed (part of) the context over the full cache
-        return "L + Q + probe (<= L + 64)", 2 * length + QUESTION_TOKENS + 64
+    if probing:  # one probe (a context chunk and its prompt) is fed over the full cache
+        chunk = min(length, getattr(policy, "chunk_size", None) or length)
+        return "L + Q + C + p (C=chunk)", length + QUESTION_TOKENS + chunk + PROBE_PROMPT
     if block is None or block >= length:
         return "L + Q", length + QUESTION_TOKENS
     ratio = KEEP_RATIO if spec_for(name) != name else 1.0
