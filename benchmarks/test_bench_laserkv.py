@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.api import run_segments
 from kvpress_lab.engine.decode import greedy_decode
 from kvpress_lab.engine.runner import prefill_and_compress
@@ -111,7 +112,9 @@ def _decode_seconds(lm, state, seg, n: int) -> float:
     cache = copy.deepcopy(state.cache)
     first = state.question_logits
     t0 = time.perf_counter()
-    greedy_decode(lm.model, cache, seg.question_ids, state.next_position, n, set(), first)
+    greedy_decode(
+        adapter_for(lm.model), cache, seg.question_ids, state.next_position, n, set(), first
+    )
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     return time.perf_counter() - t0
