@@ -141,3 +141,19 @@ def test_attention_chunk_is_scoped_and_validated():
     with pytest.raises(ConfigError, match=r"attention_chunk\(elements=0\) is invalid: it must be"):
         with attention_chunk(0):
             pass
+
+
+def test_blockwise_laserkv_peak_kv_stays_far_below_the_full_cache():
+    # the loose guard of benchmarks/test_bench_memory.py (128k there): kept + one block + question
+    from kvpress_lab.engine.runner import prefill_and_compress
+    from kvpress_lab.prompt import build_prompt
+    from kvpress_lab.spec import load_policy
+
+    lm = tiny_model(layers=2, heads=4, kv_heads=2)
+    seg = build_prompt(lm.tokenizer, ("abcdefghij klmnopqrst " * 140)[:3000], "what follows j?")
+    with attention_chunk(1 << 16):
+        state = prefill_and_compress(lm, load_policy("laserkv:keep_ratio=0.1,block_size=256"), seg)
+    full_tokens = seg.context_length + seg.question_length
+    assert state.blocks == 12
+    assert state.peak_kv_tokens <= 300 + 256 + seg.question_length
+    assert state.peak_kv_tokens < 0.3 * full_tokens
