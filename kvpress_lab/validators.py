@@ -26,6 +26,7 @@ __all__ = [
     "check_keep_ratio",
     "int_at_least",
     "non_negative_int",
+    "odd_kernel",
     "positive_int",
     "unit_interval",
 ]
@@ -64,6 +65,16 @@ def non_negative_int(instance: Any, attribute: attrs.Attribute, value: int) -> N
     """attrs validator: an integer >= 0."""
     if not _is_int(value) or value < 0:
         raise ConfigError(f"{attribute.name}={value!r} is invalid: it must be an integer >= 0")
+
+
+def odd_kernel(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    """attrs validator: a pooling kernel, an odd integer >= 1 (SnapKV-style score smoothing)."""
+    positive_int(instance, attribute, value)
+    if value % 2 == 0:
+        raise ConfigError(
+            f"{attribute.name}={value!r} is invalid: the pooling kernel must be an odd integer "
+            "(padding kernel//2 keeps the sequence length only for odd kernels), e.g. 5 or 7"
+        )
 
 
 def int_at_least(minimum: int, meaning: str) -> Validator:

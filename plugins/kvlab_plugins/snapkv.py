@@ -22,31 +22,19 @@ import torch.nn.functional as F
 
 from kvlab_plugins.observation_window import ObservationWindowBudgeter
 from kvlab_plugins.topk import TopKSelector
-from kvpress_lab.errors import ConfigError
 from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import LayerObservation, Scorer, StepLayout
 from kvpress_lab.params import Expose, policy_with
 from kvpress_lab.policy import Composition, EngineOptions
-from kvpress_lab.validators import positive_int
+from kvpress_lab.validators import odd_kernel, positive_int
 
 Pooling = Literal["max", "avg"]
 Aggregation = Literal["sum", "mean"]
 
 
-def _odd_kernel(instance, attribute, value) -> None:
-    positive_int(instance, attribute, value)
-    if value % 2 == 0:
-        raise ConfigError(
-            f"{attribute.name}={value!r} is invalid: the pooling kernel must be an odd integer "
-            "(padding kernel//2 keeps the sequence length only for odd kernels), e.g. 5 or 7"
-        )
-
-
-def snapkv_votes(attn: torch.Tensor, n_pre: int, aggregation: Aggregation) -> torch.Tensor:
-    """Window votes on the first ``n_pre`` keys: ``attn`` [B, H, G, w, N] -> [H, G, n_pre]."""
-    votes = attn[..., :n_pre].float()
-    votes = votes.sum(dim=-2) if aggregation == "sum" else votes.mean(dim=-2)  # [B, H, G, n_pre]
-    return votes.sum(dim=0)
+def snapkv_votes(attn: torch.Tensor, n_pre: int) -> torch.Tensor:
+    """Summed window votes on the first ``n_pre`` keys: ``attn`` [B, H, G, w, N] -> [H, G, n_pre]."""
+    return attn[..., :n_pre].float().sum(dim=(0, 3))
 
 
 def snapkv_pool(votes: torch.Tensor, n: int, kernel: int, pooling: Pooling) -> torch.Tensor:
@@ -65,18 +53,14 @@ def snapkv_pool(votes: torch.Tensor, n: int, kernel: int, pooling: Pooling) -> t
 def snapkv_window_scores(
     attn: torch.Tensor, kernel: int, pooling: Pooling, aggregation: Aggregation
 ) -> torch.Tensor:
-    """SnapKV scores from the window's attention.
+    """SnapKV scores [H, N] float32 from the window rows' attention ``attn`` [B, H, G, w, N].
 
-    Args:
-        attn: [B, H, G, w, N] softmax attention of the ``w`` window rows over all ``N`` keys
-            (the window rows are the last ``w`` slots).
-    Returns:
-        [H, N] float32: pooled, group-averaged votes on the ``N - w`` keys before the window,
-        zero on the window's own slots (the budgeter protects or drops those).
+    The window rows are the last ``w`` slots; their votes on the keys before the window are
+    pooled and group-averaged; the window's own slots score zero (the budgeter decides them).
     """
     _, _, _, w, n = attn.shape
-    n_pre = max(0, n - w)
-    return snapkv_pool(snapkv_votes(attn, n_pre, aggregation), n, kernel, pooling)
+    votes = snapkv_votes(attn, max(0, n - w))
+    return snapkv_pool(votes / w if aggregation == "mean" else votes, n, kernel, pooling)
 
 
 @attrs.define(kw_only=True)
@@ -86,7 +70,7 @@ class SnapKVScorer(Scorer):
     name: ClassVar[str] = "snapkv_window"
     layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
     window: int = attrs.field(default=32, validator=positive_int)
-    kernel: int = attrs.field(default=7, validator=_odd_kernel)
+    kernel: int = attrs.field(default=7, validator=odd_kernel)
     pooling: Pooling = attrs.field(default="max", validator=attrs.validators.in_(("max", "avg")))
     aggregation: Aggregation = attrs.field(
         default="sum", validator=attrs.validators.in_(("sum", "mean"))
@@ -100,19 +84,15 @@ class SnapKVScorer(Scorer):
         w = rows.stop - rows.start
         n_pre = max(0, n - w)
         votes = None
-        # memory-bounded blocks (causal inside the window, float32); the votes are [H, G, n_pre]
+        # memory-bounded blocks (causal inside the window, float32), summed into [H, G, n_pre]
         for blk in obs.attention_blocks(rows):
-            part = snapkv_votes(blk.weights, min(n_pre, blk.keys.stop), self.aggregation)
-            if blk.complete:
-                votes = part
-                break
+            part = snapkv_votes(blk.weights, min(n_pre, blk.keys.stop))
             if votes is None:
                 votes = part.new_zeros(h, part.shape[1], n_pre)
-            if self.aggregation == "mean":  # a block's mean over its rows, weighted to the window
-                part = part * ((blk.rows.stop - blk.rows.start) / w)
             votes[blk.heads, :, : part.shape[-1]] += part
-        if votes is None:
+        if votes is None:  # no rows to observe
             return torch.zeros(h, n, device=obs.keys.device)
+        votes = votes / w if self.aggregation == "mean" else votes
         return snapkv_pool(votes, n, self.kernel, self.pooling)
 
     def score(
