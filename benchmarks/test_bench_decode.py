@@ -29,6 +29,7 @@ import time
 
 import pytest
 import torch
+from test_bench_scaling import long_context_tiny
 
 from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.decode import greedy_decode
@@ -36,7 +37,6 @@ from kvpress_lab.engine.runner import prefill_and_compress
 from kvpress_lab.models import LoadedModel, load_model
 from kvpress_lab.prompt import PromptSegments
 from kvpress_lab.spec import load_policy
-from kvpress_lab.testing.tiny import tiny_model
 
 NEW_TOKENS = 32
 REPEATS = 5
@@ -45,16 +45,8 @@ KEEP_RATIO = 0.25
 
 
 def tiny_lm() -> LoadedModel:
-    """4 layers, 4 query / 2 KV heads of 64 dims, 131072 positions (the scaling benchmark's)."""
-    return tiny_model(
-        layers=4,
-        heads=4,
-        kv_heads=2,
-        head_dim=64,
-        hidden_size=256,
-        intermediate_size=512,
-        max_position_embeddings=131072,
-    )
+    """The scaling benchmark's tiny long-context model, with 4 layers."""
+    return long_context_tiny(layers=4)
 
 
 def decode_lengths() -> list[int]:

@@ -133,10 +133,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB, never reset
 
 
-@pytest.fixture(scope="module")
-def lm():
+def long_context_tiny(layers: int = 2):
+    """The benchmarks' tiny long-context Llama: 4 query / 2 KV heads of 64 dims, 131072 positions."""
     return tiny_model(
-        layers=2,
+        layers=layers,
         heads=4,
         kv_heads=2,
         head_dim=64,
@@ -144,6 +144,11 @@ def lm():
         intermediate_size=512,
         max_position_embeddings=131072,
     )
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return long_context_tiny()
 
 
 def run_cell(lm, name: str, length: int) -> dict:
