@@ -8,7 +8,8 @@ Run (lengths in tokens, comma-separated; the default is the full 4k..128k sweep)
 
 Each policy (every ``kvlab_policies`` entry of the registry but the kvpress bridge) runs at
 ``keep_ratio=0.25`` with its default options on a tiny random Llama built in-process: 2 layers,
-4 query heads sharing 2 KV heads of 64 dimensions, 131072 positions. The context is random
+4 query heads sharing 2 KV heads of 64 dimensions, 131072 + 4096 positions (the longest context,
+then room for the question, the answer and KVzip's probe after it). The context is random
 token ids, the question 16 tokens, 8 answer tokens. Per cell it records the wall time of
 prefill, compression and decode (the engine's own split, :class:`~kvpress_lab.engine.result.
 RunResult`), the peak resident memory of the process during the run (Linux ``VmHWM``, reset
@@ -134,7 +135,11 @@ def _peak_rss_bytes() -> int:
 
 
 def long_context_tiny(layers: int = 2):
-    """The benchmarks' tiny long-context Llama: 4 query / 2 KV heads of 64 dims, 131072 positions."""
+    """The benchmarks' tiny long-context Llama: 4 query / 2 KV heads of 64 dims, 128k positions.
+
+    A 131072-token context is followed by the question, the answer and (KVzip) a probe of up to
+    a chunk and its prompt: the model takes 4096 positions more than the longest context.
+    """
     return tiny_model(
         layers=layers,
         heads=4,
@@ -142,7 +147,7 @@ def long_context_tiny(layers: int = 2):
         head_dim=64,
         hidden_size=256,
         intermediate_size=512,
-        max_position_embeddings=131072,
+        max_position_embeddings=131072 + 4096,
     )
 
 
