@@ -95,19 +95,51 @@ class Allocation:
     """A budgeter's decision for one step.
 
     ``protected`` slots are always kept; ``k`` of the ``candidates`` are kept by the selector;
-    every other slot is dropped. Masks broadcast to ``[Ly, H, N]`` and must give every layer and
-    head the same number of kept slots, so the cache stays a dense tensor.
+    every other slot is dropped. Masks broadcast to ``[Ly, H, N]``.
+
+    ``k`` is either an int, the same count in every layer and KV head (the cache stays a dense
+    tensor when the protected counts agree too), or a long tensor ``[Ly|1, H|1]`` of per-layer
+    (``[Ly, 1]``, PyramidKV, Cai et al. 2024) or per-(layer, head) counts, each at most its row's
+    candidates. Protected sets may hold different numbers of slots in different rows. When the
+    kept counts (protected + selected) differ between rows, the engine stores the compressed
+    cache ragged (each KV head packs its own tokens); that is supported for one-shot compression
+    with original positions only (see the plugin-authoring guide, "Allocation shape").
     """
 
     protected: torch.Tensor
     candidates: torch.Tensor
-    k: int
+    k: int | torch.Tensor
 
     @classmethod
     def keep_all(cls, layout: StepLayout) -> Allocation:
         """Keep every context slot (drop only the question)."""
         ctx = ~layout.question_mask
         return cls(protected=ctx, candidates=torch.zeros_like(ctx), k=0)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether ``k`` is a tensor of per-layer / per-head counts (not one int)."""
+        return isinstance(self.k, torch.Tensor)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the selector keeps any candidate in some row (host read for a tensor ``k``)."""
+        if isinstance(self.k, torch.Tensor):
+            return bool((self.k > 0).any())
+        return self.k > 0
+
+    def counts(self, layout: StepLayout) -> torch.Tensor:
+        """Candidates kept per layer and KV head: long ``[Ly, H]`` on the host (``k`` broadcast)."""
+        shape = tuple(layout.context_index.shape[:2])
+        if isinstance(self.k, torch.Tensor):
+            return self.k.to(device="cpu", dtype=torch.long).expand(shape)
+        return torch.full(shape, int(self.k), dtype=torch.long)
+
+    def kept_counts(self, layout: StepLayout) -> torch.Tensor:
+        """Slots kept per layer and KV head, protected + ``k``: long ``[Ly, H]`` on the host."""
+        protected = self.protected.to(device="cpu", dtype=torch.bool)
+        protected = protected.expand_as(layout.context_index).sum(-1)
+        return protected + self.counts(layout)
 
 
 @attrs.frozen
@@ -410,9 +442,26 @@ class Selector(ABC):
 
     name: ClassVar[str]
 
+    pools_heads: ClassVar[bool] = False
+    """Whether the selector redistributes each layer's budget among that layer's KV heads.
+
+    False (the default): every (layer, head) row must select exactly its count of the
+    allocation's ``k``. True (Ada-KV, Feng et al. 2024): the engine checks only that each layer
+    selects the sum of its heads' counts, so heads may keep different numbers of tokens (the
+    cache then becomes ragged; one-shot compression with original positions only).
+    """
+
     @abstractmethod
-    def select(self, source: ScoreSource, candidates: torch.Tensor, k: int) -> torch.Tensor:
-        """Kept slots, long [Ly|1, H|1, k] with every index a candidate of its row."""
+    def select(
+        self, source: ScoreSource, candidates: torch.Tensor, k: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Kept candidate slots of every row.
+
+        ``k`` is the allocation's, as is: an int or a long ``[Ly|1, H|1]`` tensor of counts.
+        Return either long indices ``[Ly|1, H|1, k]`` (only when every row keeps the same count)
+        or a bool mask ``[Ly|1, H|1, N]`` of the selected slots (each True a candidate), which may
+        select a different count in each row.
+        """
 
     def scorer_names(self) -> Sequence[str]:
         """Names of the scorers this selector reads (keys of the policy's scorer mapping)."""
@@ -440,7 +489,11 @@ class Budgeter(ABC):
 
     @abstractmethod
     def target_tokens(self, context_length: int) -> int:
-        """Context tokens the policy ends with (per layer and head), for fairness reports."""
+        """Context tokens the policy ends with, for fairness reports.
+
+        The mean over layers and KV heads when an allocation gives them different counts: the
+        total kept over layers and heads must equal this times ``layers x KV heads`` (1%).
+        """
 
     @abstractmethod
     def allocate(self, layout: StepLayout) -> Allocation:

@@ -1,8 +1,8 @@
 """Validation of what plugins hand the engine, before any of it touches the cache.
 
-A budgeter's :class:`~kvpress_lab.interfaces.Allocation`, a selector's indices and a scorer's
-scores are checked for type, dtype, shape, range, duplicates and the equal per-row counts a dense
-cache needs. A bad value raises :class:`~kvpress_lab.errors.PluginError` naming the plugin that
+A budgeter's :class:`~kvpress_lab.interfaces.Allocation`, a selector's indices or mask and a
+scorer's scores are checked for type, dtype, shape, range, duplicates and the exact per-row (or,
+for a selector that pools heads, per-layer) counts the allocation asks for. A bad value raises :class:`~kvpress_lab.errors.PluginError` naming the plugin that
 produced it, never a torch traceback from deep inside the engine and never a silently smaller
 cache (a duplicate index would keep one slot twice, so fewer tokens than the budget).
 
@@ -22,7 +22,13 @@ import torch
 from kvpress_lab.errors import PluginError
 from kvpress_lab.interfaces import Allocation, StepLayout
 
-__all__ = ["check_allocation", "check_prompt_fits", "check_scores", "check_selection"]
+__all__ = [
+    "check_allocation",
+    "check_prompt_fits",
+    "check_scores",
+    "check_selection",
+    "equal_counts",
+]
 
 
 def _lead_ok(shape: tuple[int, ...], layout: StepLayout) -> bool:
@@ -72,9 +78,15 @@ def check_allocation(allocation: object, layout: StepLayout, who: str) -> None:
                 "expected a bool mask (True = protected / candidate)"
             )
     k = allocation.k
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise PluginError(f"{name} returned k={k!r} ({type(k).__name__}); expected an int >= 0")
-    if k < 0:
+    if isinstance(k, torch.Tensor):
+        _check_counts_tensor(k, layout, name)
+    elif isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise PluginError(
+            f"{name} returned k={k!r} ({type(k).__name__}); expected an int >= 0 or a long "
+            f"tensor [1 or {layout.context_index.shape[0]} layers, 1 or "
+            f"{layout.context_index.shape[1]} KV heads] of counts"
+        )
+    elif k < 0:
         raise PluginError(f"{name} asked to keep k={k} candidates; k must be >= 0")
     question = layout.question_mask.cpu()
     protected = _expand(allocation.protected, layout)
@@ -90,37 +102,77 @@ def check_allocation(allocation: object, layout: StepLayout, who: str) -> None:
             f"(first at {_where(both.any(-1))}); a selected protected slot would be kept once and "
             "the cache would end up smaller than the budget"
         )
-    n_protected = protected.sum(-1)
-    if not bool((n_protected == n_protected.flatten()[0]).all()):
-        raise PluginError(
-            f"{name} protected a different number of slots in different layers/heads "
-            f"(min {int(n_protected.min())}, max {int(n_protected.max())}); every layer and KV "
-            "head must keep the same count so the cache stays a dense tensor"
-        )
+    if isinstance(k, torch.Tensor):
+        n_cand = candidates.sum(-1)
+        over = allocation.counts(layout) > n_cand
+        if bool(over.any()):
+            layer, head = (int(v) for v in over.nonzero()[0])
+            raise PluginError(
+                f"{name} asked to keep {int(allocation.counts(layout)[layer, head])} of only "
+                f"{int(n_cand[layer, head])} candidates at layer {layer}, KV head {head}"
+            )
+        return
     n_cand = int(candidates.sum(-1).min())
     if k > n_cand:
         raise PluginError(f"{name} asked to keep {k} of only {n_cand} candidates")
 
 
-def check_selection(
-    allocation: Allocation, selected: object, layout: StepLayout, who: str
-) -> torch.Tensor:
-    """Check a selector's indices and return the step's keep mask ``protected | selected``.
+def _check_counts_tensor(k: torch.Tensor, layout: StepLayout, name: str) -> None:
+    """A per-layer / per-head ``k``: long [Ly|1, H|1], values >= 0."""
+    ly, h = layout.context_index.shape[:2]
+    want = f"[1 or {ly} layers, 1 or {h} KV heads]"
+    if k.dtype == torch.bool or k.dtype.is_floating_point or k.is_complex():
+        raise PluginError(
+            f"{name} returned k of dtype {str(k.dtype).removeprefix('torch.')}; expected a long "
+            f"tensor {want} of counts"
+        )
+    if k.dim() != 2 or not all(s in (1, f) for s, f in zip(k.shape, (ly, h), strict=True)):
+        raise PluginError(f"{name} returned k of shape {tuple(k.shape)}; expected {want}")
+    if k.numel() and int(k.min()) < 0:
+        raise PluginError(
+            f"{name} asked to keep k={int(k.min())} candidates in some row; counts must be >= 0"
+        )
 
-    ``who`` names the selector. Indices must be integer slot numbers in ``[0, n_slots)``,
-    distinct within a row, all candidates, ``k`` per row.
+
+def check_selection(
+    allocation: Allocation,
+    selected: object,
+    layout: StepLayout,
+    who: str,
+    pools_heads: bool = False,
+) -> torch.Tensor:
+    """Check a selector's choice and return the step's keep mask ``protected | selected``.
+
+    ``who`` names the selector. Long indices must be slot numbers in ``[0, n_slots)``, distinct
+    within a row, all candidates, ``k`` per row (possible only when every row's count is the
+    same). A bool mask ``[Ly|1, H|1, N]`` must select only candidates, each row exactly its count
+    of the allocation, or, when the selector ``pools_heads``, each layer the sum of its heads'
+    counts (heads may then differ).
     """
     name = f"selector {who!r}"
     k = allocation.k
+    if isinstance(selected, torch.Tensor) and selected.dtype == torch.bool:
+        return _check_mask(allocation, selected, layout, name, pools_heads)
+    if isinstance(k, torch.Tensor):
+        counts = allocation.counts(layout)
+        if isinstance(selected, torch.Tensor) and selected.dim() == 3:
+            if not bool((counts == selected.shape[-1]).all()):
+                raise PluginError(
+                    f"{name} returned {selected.shape[-1]} indices per row, but the allocation "
+                    f"asks for {int(counts.min())} to {int(counts.max())} per row; return a bool "
+                    "mask [Ly|1, H|1, N] when rows keep different counts"
+                )
+            allocation = Allocation(allocation.protected, allocation.candidates, selected.shape[-1])
+            k = allocation.k
     if not isinstance(selected, torch.Tensor):
         raise PluginError(
             f"{name} returned {type(selected).__name__}; expected a long tensor "
             f"{_shape_text(layout, k)} of slot indices"
         )
-    if selected.dtype == torch.bool or selected.dtype.is_floating_point or selected.is_complex():
+    if selected.dtype.is_floating_point or selected.is_complex():
         raise PluginError(
             f"{name} returned indices of dtype {str(selected.dtype).removeprefix('torch.')}; "
-            "expected integer (long) slot indices"
+            "expected integer (long) slot indices or a bool mask of the selected slots"
         )
     if selected.dim() != 3 or selected.shape[-1] != k or not _lead_ok(selected.shape, layout):
         raise PluginError(
@@ -154,6 +206,65 @@ def check_selection(
     if bool((keep & layout.question_mask.cpu()[: lead[0], : lead[1]]).any()):
         raise PluginError(f"{name} kept question slots")
     return keep
+
+
+def _check_mask(
+    allocation: Allocation,
+    selected: torch.Tensor,
+    layout: StepLayout,
+    name: str,
+    pools_heads: bool,
+) -> torch.Tensor:
+    """A bool selection mask: candidates only, exact counts per row (or per layer when pooled).
+
+    Checked at the full ``[Ly, H, N]`` shape on the host (one copy per step).
+    """
+    if (
+        selected.dim() != 3
+        or selected.shape[-1] != layout.n_slots
+        or not _lead_ok(selected.shape, layout)
+    ):
+        raise PluginError(
+            f"{name} returned a mask of shape {tuple(selected.shape)}; expected "
+            f"{_shape_text(layout, layout.n_slots)}"
+        )
+    sel = _expand(selected, layout)
+    cand = _expand(allocation.candidates, layout)
+    stray = sel & ~cand
+    if bool(stray.any()):
+        raise PluginError(
+            f"{name} selected {int(stray.sum())} slot(s) that are not candidates (first at "
+            f"{_where(stray.any(-1))}); select only candidate slots"
+        )
+    got = sel.sum(-1)  # [Ly, H]
+    want = allocation.counts(layout)
+    if pools_heads:
+        got_l, want_l = got.sum(-1), want.sum(-1)
+        bad = (got_l != want_l).nonzero()
+        if bad.numel():
+            layer = int(bad[0, 0])
+            raise PluginError(
+                f"{name} pools its budget across KV heads but selected {int(got_l[layer])} "
+                f"slots in layer {layer}, where the allocation asks for {int(want_l[layer])} "
+                "(the sum of that layer's per-head counts); select exactly the layer's total"
+            )
+    else:
+        bad = (got != want).nonzero()
+        if bad.numel():
+            layer, head = (int(v) for v in bad[0])
+            raise PluginError(
+                f"{name} selected {int(got[layer, head])} slots in layer {layer}, KV head "
+                f"{head}, where the allocation asks for {int(want[layer, head])}; select "
+                "exactly each row's count (or declare pools_heads = True to redistribute a "
+                "layer's budget among its heads)"
+            )
+    return _expand(allocation.protected, layout) | sel
+
+
+def equal_counts(keep: torch.Tensor) -> bool:
+    """Whether a keep mask ``[Ly', H', N]`` keeps the same number of slots in every row."""
+    counts = keep.sum(-1)
+    return bool((counts == counts.flatten()[0]).all())
 
 
 def check_scores(

@@ -1,7 +1,7 @@
 """Fault injection: every bad plugin output is refused by name before it touches the cache.
 
 Selectors returning out-of-range, negative, float, duplicate or non-candidate indices; budgeters
-with uneven or overlapping masks; scorers that raise, return NaN, inf or the wrong shape. Each
+with badly shaped counts or overlapping masks; scorers that raise, return NaN, inf or the wrong shape. Each
 gives a PluginError naming the plugin (exit status 3 in the CLI), never a torch traceback and
 never a silently smaller cache.
 """
@@ -95,7 +95,7 @@ def _compose(selector=None, budgeter=None, scorer=None) -> Composition:
             lambda c, k: _first_k(c, k).float(),
             "returned indices of dtype float32; expected integer",
         ),
-        (lambda c, k: _first_k(c, k).bool(), "returned indices of dtype bool"),
+        (lambda c, k: _first_k(c, k).bool(), r"returned a mask of shape \(1, 1, 36\); expected"),
         (_with_dup, r"returned the same slot twice in one row \(layer 0, KV head 0\)"),
         (_non_candidate, "selected slots that are not candidates"),
         (lambda c, k: _first_k(c, k)[..., :-1], r"returned shape \(1, 1, 35\); expected"),
@@ -145,10 +145,8 @@ class MaskBudgeter(Budgeter):
         return self.tweak(layout, protected, candidates, BUDGET - 4)
 
 
-def _uneven(layout, p, c, k):
-    p = p.clone()
-    p[1, 0, 4] = True  # one more protected slot in layer 1 only
-    return Allocation(p, c & ~p, k)
+def _bad_counts(layout, p, c, k):
+    return Allocation(p, c, torch.tensor([[k, k, k]]))  # 3 heads on a 4-head model
 
 
 def _overlap(layout, p, c, k):
@@ -158,9 +156,14 @@ def _overlap(layout, p, c, k):
 @pytest.mark.parametrize(
     ("tweak", "message"),
     [
+        (_bad_counts, r"returned k of shape \(1, 3\); expected \[1 or 2 layers, 1 or 2 KV heads\]"),
         (
-            _uneven,
-            r"protected a different number of slots in different layers/heads \(min 4, max 5\)",
+            lambda lay, p, c, k: Allocation(p, c, torch.tensor([[k], [10_000]])),
+            r"asked to keep 10000 of only \d+ candidates at layer 1, KV head 0",
+        ),
+        (
+            lambda lay, p, c, k: Allocation(p, c, torch.tensor([[1.5]])),
+            r"returned k of dtype float32; expected a long tensor",
         ),
         (_overlap, r"marked 4 slot\(s\) both protected and candidate"),
         (lambda lay, p, c, k: Allocation(p.float(), c, k), "returned protected of dtype float32"),
@@ -178,7 +181,9 @@ def _overlap(layout, p, c, k):
         (lambda lay, p, c, k: (p, c, k), "returned tuple, not an Allocation"),
     ],
     ids=[
-        "uneven",
+        "counts-shape",
+        "counts-too-many",
+        "counts-float",
         "overlap",
         "float-mask",
         "float-k",
@@ -273,7 +278,7 @@ def test_engine_check_error_is_attributed_to_the_right_component(lm, segments):
 
 
 def test_first_party_component_names_its_distribution(lm, segments):
-    comp = _compose(selector=TopKSelector(granularity="head"), budgeter=MaskBudgeter(_uneven))
+    comp = _compose(selector=TopKSelector(granularity="head"), budgeter=MaskBudgeter(_bad_counts))
     with pytest.raises(PluginError) as info:
         prefill_and_compress(lm, comp, segments)
     failure = attribute(info.value, WrappingPolicy(comp))
