@@ -32,7 +32,6 @@ from kvpress_lab.errors import ConfigError
 __all__ = ["ATTENTION_NAME", "ragged_attention_for", "ragged_attention_forward", "register"]
 
 ATTENTION_NAME = "kvlab_ragged"
-_registered = False
 
 
 def ragged_attention_forward(
@@ -106,14 +105,20 @@ def _check_window(module: nn.Module, window: int, span: int) -> None:
 
 
 def register() -> None:
-    """Register :func:`ragged_attention_forward` with transformers (once, on first use)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
+    """Register :func:`ragged_attention_forward` with transformers (on use, when it is not).
 
-    AttentionInterface.register(ATTENTION_NAME, ragged_attention_forward)
-    _registered = True
+    Checked at every use, not once: importing NVIDIA kvpress wraps every registered attention
+    function in its head-masking patch, which reads dense key shapes, so a registration made
+    before that import must be renewed.
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not ragged_attention_forward:
+        AttentionInterface.register(ATTENTION_NAME, ragged_attention_forward)
+    if ALL_ATTENTION_FUNCTIONS.get(ATTENTION_NAME) is not ragged_attention_forward:
+        # kvpress writes its wrappers into the shared instance's own mapping, which wins
+        ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = ragged_attention_forward
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from kvpress_lab.engine.runner import (
     check_supported,
     prefill_and_compress,
 )
+from kvpress_lab.errors import ConfigError
 from kvpress_lab.models import LoadedModel
 from kvpress_lab.policy import Composition, Policy
 from kvpress_lab.prompt import PromptSegments, build_prompt
@@ -58,7 +59,15 @@ def run_segments(
     """:func:`run` on already tokenized context and question segments."""
     check_fits(lm, segments, max_new_tokens)
     comp = policy.compose()
-    check_supported(adapter_for(lm.model), comp, segments, max_new_tokens, query_agnostic)
+    check_supported(
+        adapter_for(lm.model),
+        comp,
+        segments,
+        max_new_tokens,
+        query_agnostic,
+        policy_name=policy.name,
+        decode_compression=policy.decode_interval is not None,
+    )
     plan_generation(policy, comp, segments.context_length, segments.question_length)
     state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
     return answer_compressed(
@@ -85,10 +94,21 @@ def answer_compressed(
     """Answer the question over an already compressed context and collect the result."""
     adapter = adapter_for(lm.model)
     held = adapter.cache_length(state.cache)
-    per_token = adapter.kv_bytes(state.cache) / max(1, held)
+    if state.kept_counts is None:
+        per_token = adapter.kv_bytes(state.cache) / max(1, held)
+    else:  # a ragged cache: bytes of one slot in every layer and KV head, from the storages
+        slots = int(state.kept_counts.sum())
+        per_token = adapter.kv_bytes(state.cache) * state.kept_counts.numel() / max(1, slots)
     kept_bytes = int(round(per_token * state.kept_tokens))
 
     plan = plan_generation(policy, comp, segments.context_length, segments.question_length)
+    if state.kept_counts is not None and (plan is not None or comp.decode_evictor is not None):
+        raise ConfigError(
+            f"{policy.name}: the compressed cache is ragged (layers/KV heads keep "
+            f"{int(state.kept_counts.min())} to {int(state.kept_counts.max())} tokens), and "
+            "generation-time compression or decode-time eviction needs a dense cache; drop "
+            "decode_interval/decode_budget (or decode eviction) or use an equal-count budgeter"
+        )
     compressor = (
         plan.start(adapter, state.cache, state.context_index, held, state.context_length)
         if plan is not None
@@ -132,6 +152,7 @@ def answer_compressed(
         context_token_ids=segments.context_ids.tolist(),
         question_token_ids=segments.question_ids.tolist(),
         kept_indices=state.context_index.cpu(),
+        kept_counts=state.kept_counts,
         kv_bytes_full=int(round(per_token * state.context_length)),
         kv_bytes_kept=kept_bytes,
         peak_kv_tokens=state.peak_kv_tokens,

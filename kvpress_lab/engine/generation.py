@@ -38,6 +38,11 @@ from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import Scorer, StepLayout
 from kvpress_lab.policy import Composition, EngineOptions, Policy
 
+_RAGGED_REFUSAL = (
+    "during generation-time compression (decode_interval), which keeps a dense cache; drop "
+    "decode_interval/decode_budget or use an equal-count budgeter"
+)
+
 __all__ = ["DecodeRecord", "GenerationCompressor", "GenerationPlan", "plan_generation"]
 
 
@@ -120,6 +125,13 @@ def plan_generation(
             f"policy keeps {keeps} of {span} tokens; use a policy that evicts (not {name})"
         )
     kept = _dry_allocation(_decode_composition(policy), span, interval)
+    if kept is None:
+        raise ConfigError(
+            f"{name}: decode_interval={interval},decode_budget={budget} compresses a dense cache "
+            f"while decoding, but {name} gives layers/KV heads different counts (budgeter "
+            f"{composition.budgeter.name!r}, selector {composition.selector.name!r}); drop "
+            "decode_interval/decode_budget or use an equal-count budgeter"
+        )
     if kept > budget:
         raise ConfigError(
             f"{name}: decode_budget={budget} is smaller than the {kept} tokens the policy "
@@ -146,8 +158,11 @@ def _decode_composition(policy: Policy) -> Composition:
     )
 
 
-def _dry_allocation(comp: Composition, span: int, interval: int) -> int:
-    """Slots per layer and head the budgeter keeps in a decode step of ``span`` slots."""
+def _dry_allocation(comp: Composition, span: int, interval: int) -> int | None:
+    """Slots per layer and head the budgeter keeps in a decode step of ``span`` slots.
+
+    None when the rows may keep different counts (per-row ``k`` or a selector pooling heads).
+    """
     index = torch.arange(span).expand(1, 1, span)
     layout = StepLayout(
         context_length=span,
@@ -161,6 +176,8 @@ def _dry_allocation(comp: Composition, span: int, interval: int) -> int:
     )
     allocation = comp.budgeter.allocate(layout)
     protected = allocation.protected.to(torch.bool).expand(1, 1, span).sum(-1)
+    if allocation.per_row or comp.selector.pools_heads:
+        return None
     return int(protected.max()) + allocation.k
 
 
@@ -254,7 +271,7 @@ class GenerationCompressor:
         if observer.scorers:
             for layer in range(self.adapter.n_layers):
                 observer.observe_layer(layer, torch.cat(rows[layer], dim=1))
-        self.index, _ = compress_step(
+        outcome = compress_step(
             self.adapter,
             comp,
             self.cache,
@@ -264,7 +281,9 @@ class GenerationCompressor:
             observer.observed,
             last_logits=torch.empty(0),
             last=False,
+            ragged=_RAGGED_REFUSAL,
         )
+        self.index = outcome.context_index
         self.steps += 1
         self.compressions += int(evicts)
         if device.type == "cuda":

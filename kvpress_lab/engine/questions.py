@@ -78,7 +78,15 @@ def answer_questions(
     comp = policy.compose()
     adapter = adapter_for(lm.model)
     for segments in questions:
-        check_supported(adapter, comp, segments, max_new_tokens, True)
+        check_supported(
+            adapter,
+            comp,
+            segments,
+            max_new_tokens,
+            True,
+            policy_name=policy.name,
+            decode_compression=policy.decode_interval is not None,
+        )
     prefills = 0
     state = prefill_and_compress(lm, comp, questions[0], query_agnostic=True)
     prefills += 1

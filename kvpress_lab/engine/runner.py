@@ -25,7 +25,12 @@ import torch
 
 from kvpress_lab.adapters import ModelAdapter, adapter_for
 from kvpress_lab.engine.cache import gather_slots, keep_layer_slots, keep_mask_to_indices
-from kvpress_lab.engine.checks import check_allocation, check_scores, check_selection
+from kvpress_lab.engine.checks import (
+    check_allocation,
+    check_scores,
+    check_selection,
+    equal_counts,
+)
 from kvpress_lab.engine.observe import Observer
 from kvpress_lab.errors import ConfigError, ContextTooLongError
 from kvpress_lab.interfaces import (
@@ -45,6 +50,7 @@ from kvpress_lab.prompt import PromptSegments
 __all__ = [
     "CompressedContext",
     "ProbeInputs",
+    "StepOutcome",
     "check_fits",
     "check_supported",
     "compress_step",
@@ -75,8 +81,15 @@ class CompressedContext:
     # above was then measured before each layer's compression: one full layer, the rest kept
     layerwise_steps: int = 0
 
+    # [Ly, H] kept context tokens per layer and KV head when they differ (a ragged cache; the
+    # rows of context_index are then padded with -1 after each row's count), None when equal
+    kept_counts: torch.Tensor | None = None
+
     @property
-    def kept_tokens(self) -> int:
+    def kept_tokens(self) -> float:
+        """Kept context tokens per layer and KV head (the mean when rows differ)."""
+        if self.kept_counts is not None:
+            return float(self.kept_counts.double().mean())
         return int(self.context_index.shape[-1])
 
 
@@ -124,8 +137,16 @@ def check_supported(
     segments: PromptSegments,
     max_new_tokens: int,
     query_agnostic: bool,
+    policy_name: str | None = None,
+    decode_compression: bool = False,
 ) -> None:
-    """Refuse, before any model work, what the model's adapter cannot run exactly."""
+    """Refuse, before any model work, what the model's adapter cannot run exactly.
+
+    Also refuses a policy whose layers/heads keep different counts (a ragged cache) together
+    with what a ragged cache cannot do: block-wise prefill, contiguous positions, decode-time
+    eviction or generation-time compression (``decode_compression``). ``policy_name`` names the
+    policy in that message (the budgeter's name otherwise).
+    """
     L = segments.context_length
     block = comp.engine.block_size
     multi_block = block is not None and block < L
@@ -134,6 +155,72 @@ def check_supported(
         total_tokens=L + segments.question_length + max_new_tokens,
         position_jumps=multi_block and original and not query_agnostic,
         rerotates=not original,
+    )
+    cannot = []
+    if multi_block:
+        cannot.append(
+            (
+                f"block-wise prefill (block_size={block} over {L} tokens)",
+                "use block_size=None (one-shot compression)",
+            )
+        )
+    if not original:
+        cannot.append(("position_mode='contiguous'", "use position_mode=original"))
+    if comp.decode_evictor is not None:
+        cannot.append(("decode-time eviction", "turn the policy's decode eviction off"))
+    if decode_compression:
+        cannot.append(
+            ("generation-time compression (decode_interval)", "drop decode_interval/decode_budget")
+        )
+    if not cannot:
+        return
+    reason = _unequal_counts(adapter, comp, segments, query_agnostic)
+    if reason is None:
+        return
+    what, fix = cannot[0]
+    who = policy_name if policy_name is not None else comp.budgeter.name
+    raise ConfigError(
+        f"{who}: {reason}, so its cache would be ragged, and {what} cannot run over a ragged "
+        f"cache; {fix} or use an equal-count budgeter"
+    )
+
+
+def _unequal_counts(
+    adapter: ModelAdapter, comp: Composition, segments: PromptSegments, query_agnostic: bool
+) -> str | None:
+    """Why the policy's first step keeps different counts in different rows (None if it can't).
+
+    Asks the budgeter for the first step's allocation (budgeters decide from the layout alone,
+    before any model work) and the selector whether it pools heads.
+    """
+    if comp.selector.pools_heads:
+        return (
+            f"selector {comp.selector.name!r} pools each layer's budget across its KV heads "
+            "(heads keep different counts)"
+        )
+    L = segments.context_length
+    end = min(L, comp.engine.block_size or L)
+    Q = 0 if query_agnostic else segments.question_length
+    index = torch.cat([torch.arange(end), torch.full((Q,), -1)])
+    layout = StepLayout(
+        context_length=L,
+        block_index=0,
+        n_blocks=-(-L // (comp.engine.block_size or L)),
+        block_start=0,
+        block_end=end,
+        n_past=0,
+        n_question=Q,
+        context_index=index.expand(adapter.n_layers, adapter.n_kv_heads, -1),
+    )
+    comp.budgeter.validate(L)
+    allocation = comp.budgeter.allocate(layout)
+    check_allocation(allocation, layout, comp.budgeter.name)
+    kept = allocation.kept_counts(layout)
+    if _equal(kept):
+        return None
+    return (
+        f"budgeter {comp.budgeter.name!r} keeps between {int(kept.min())} and "
+        f"{int(kept.max())} tokens per layer/KV head"
     )
 
 
@@ -162,7 +249,14 @@ def prefill_and_compress(
     L = int(ctx.numel())
     comp.budgeter.validate(L)
     adapter = adapter_for(model)
-    check_supported(adapter, comp, segments, 0, query_agnostic)
+    check_supported(
+        adapter,
+        comp,
+        segments,
+        0,
+        query_agnostic,
+        policy_name=policy.name if isinstance(policy, Policy) else None,
+    )
     n_layers, n_kv = adapter.n_layers, adapter.n_kv_heads
     block = comp.engine.block_size or L
     bounds = [(s, min(s + block, L)) for s in range(0, L, block)]
@@ -176,7 +270,7 @@ def prefill_and_compress(
     context_index = torch.empty(n_layers, n_kv, 0, dtype=torch.long)
     prefill_s = compress_s = 0.0
     peak_tokens = peak_bytes = layerwise_steps = 0
-    question_logits = None
+    question_logits = counts = None
     probe_inputs = ProbeInputs(context_ids=ctx, tokenizer=lm.tokenizer)
 
     for bi, (b0, b1) in enumerate(bounds):
@@ -223,7 +317,7 @@ def prefill_and_compress(
         peak_bytes = max(peak_bytes, adapter.kv_bytes(cache))
 
         if per_layer is None:
-            context_index, question_logits = compress_step(
+            outcome = compress_step(
                 adapter,
                 comp,
                 cache,
@@ -236,6 +330,8 @@ def prefill_and_compress(
                 origins=origins,
                 probe_inputs=probe_inputs,
             )
+            context_index, question_logits = outcome.context_index, outcome.question_logits
+            cache, counts = outcome.cache, outcome.counts
             inside = observer.seconds
         else:
             # measured inside the pass, before each layer was compressed
@@ -264,6 +360,7 @@ def prefill_and_compress(
         question_logits=question_logits,
         probe_s=probe_inputs.seconds,
         layerwise_steps=layerwise_steps,
+        kept_counts=counts,
     )
 
 
@@ -284,7 +381,7 @@ def plan_step(
     evicts = _evicts(allocation, layout)
     used = (
         {n: comp.scorers[n] for n in comp.selector.scorer_names()}
-        if allocation.k > 0 and evicts
+        if allocation.selects and evicts
         else {}
     )
     Q = layout.n_question
@@ -309,13 +406,19 @@ def compresses_layerwise(
 ) -> bool:
     """Whether this step can compress each layer inside the forward pass, asking the plugins.
 
-    It can when it evicts and either everything kept is protected (``k == 0``: no scores) or the
+    Allocations whose rows keep different counts (per-layer or per-head ``k``, uneven protected
+    sets, a selector that pools heads) always compress after the pass. Otherwise it can when
+    it evicts and either everything kept is protected (``k == 0``: no scores) or the
     selector and every scorer it reads declare themselves layer-local. Anything else (a
     model-wide selection, a consensus across layers, an undeclared third-party scorer) keeps the
     compress-after-prefill path. Probe passes (:meth:`Scorer.probes`) run over the whole cache
     after the forward, so a scorer asking for one (given ``probe_inputs``) keeps that path too.
     """
     if not evicts:
+        return False
+    if allocation.per_row or comp.selector.pools_heads:
+        return False  # rows may keep different counts: the cache turns ragged after the pass
+    if not _equal(allocation.kept_counts(layout)):
         return False
     if allocation.k == 0:
         return True
@@ -401,6 +504,23 @@ def _layer_rows(mask: torch.Tensor, layer: int) -> torch.Tensor:
     return mask[layer : layer + 1] if mask.shape[0] > 1 else mask
 
 
+@attrs.frozen
+class StepOutcome:
+    """What one compression step left: the kept slots' context positions and the cache.
+
+    ``context_index`` is ``[Ly, H, k]`` when every layer and KV head keeps ``k`` slots (the cache
+    stays dense and ``counts`` is None). When rows keep different counts the cache was converted
+    to the adapter's ragged cache (``cache`` is that new object), ``counts`` ``[Ly, H]`` holds each
+    row's kept count and ``context_index`` is ``[Ly, H, max count]``, each row's positions in
+    ascending order followed by ``-1`` padding.
+    """
+
+    context_index: torch.Tensor
+    question_logits: torch.Tensor | None
+    cache: object
+    counts: torch.Tensor | None = None
+
+
 def compress_step(
     adapter: ModelAdapter,
     comp: Composition,
@@ -413,34 +533,44 @@ def compress_step(
     last: bool,
     origins: KeyOrigins | None = None,
     probe_inputs: ProbeInputs | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One compression step after a forward pass, in place on ``cache``.
+    ragged: str | None = None,
+) -> StepOutcome:
+    """One compression step after a forward pass, on ``cache`` (in place while it stays dense).
 
     Returns the context index of the kept slots and, when nothing was evicted in the last step
     (question-aware, original positions), the question's last logits so they can be reused.
 
+    When the kept counts differ between layers/heads, the dense cache is replaced by a ragged
+    one (:meth:`~kvpress_lab.adapters.base.ModelAdapter.ragged_cache`; the outcome's ``cache``).
+    That needs one-shot compression with original positions: ``ragged`` names what the caller
+    runs when it cannot hold a ragged cache (block-wise prefill, generation-time compression),
+    and such a step is refused with a ConfigError. Contiguous positions are always refused.
+
     Host transfers: scores, top-k and the cache gathers stay on the model's device. The engine's
     validation (:mod:`kvpress_lab.engine.checks`) reads a constant number of values on the host
     per step, whatever the number of layers and heads: the selected indices come to the host once
-    to be checked and merged with the protected slots, and go back to the device once.
+    to be checked and merged with the protected slots, and go back to the device once. A ragged
+    conversion reads the per-head kept slots on the host once.
     """
     contiguous = comp.engine.position_mode == "contiguous"
     step_index = layout.context_index
     if not evicts and last and layout.n_question and not contiguous:
         # nothing evicted: the question's KV and logits are exactly what re-feeding would give
-        return step_index, last_logits
+        return StepOutcome(step_index, last_logits, cache)
+    pools = comp.selector.pools_heads
     if not evicts:
         keep = ~layout.question_mask[:1, :1]
-    elif allocation.k == 0:
+    elif not allocation.selects:
         # everything kept is protected: no scores were observed and none are needed
-        selected = torch.empty(1, 1, 0, dtype=torch.long)
-        keep = _merge(allocation, selected, layout, comp.selector.name)
+        keep = _merge(allocation, _no_selection(allocation, layout), layout, comp.selector.name)
     else:
         if probe_inputs is not None:
             observed = run_probes(adapter, comp, cache, layout, observed, probe_inputs)
         source = _Scores(comp.scorers, layout, observed, adapter, cache)
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
-        keep = _merge(allocation, selected, layout, comp.selector.name)
+        keep = _merge(allocation, selected, layout, comp.selector.name, pools)
+    if not equal_counts(keep):
+        return _ragged_step(adapter, comp, cache, layout, keep, ragged)
     indices = keep_mask_to_indices(keep, comp.budgeter.name)
     if origins is not None:
         origins.add_new_rows(cache, layout.n_past)
@@ -448,7 +578,62 @@ def compress_step(
     gather_slots(adapter, cache, indices.to(device))  # one transfer, not one per layer
     if contiguous:
         _rerotate_contiguous(adapter, cache, layout, step_index, indices, origins)
-    return _gather_index(step_index, indices), None
+    return StepOutcome(_gather_index(step_index, indices), None, cache)
+
+
+def _no_selection(allocation: Allocation, layout: StepLayout) -> torch.Tensor:
+    """The empty selection of a step that keeps only protected slots."""
+    if allocation.per_row:
+        return torch.zeros(1, 1, layout.n_slots, dtype=torch.bool)
+    return torch.empty(1, 1, 0, dtype=torch.long)
+
+
+def _refuse_ragged(comp: Composition, layout: StepLayout, keep: torch.Tensor, ragged) -> None:
+    """Refuse a step whose rows keep different counts where a ragged cache cannot follow."""
+    counts = keep.sum(-1)
+    asked = (
+        f"kept between {int(counts.min())} and {int(counts.max())} slots per layer/KV head "
+        f"(budgeter {comp.budgeter.name!r}, selector {comp.selector.name!r})"
+    )
+    if comp.engine.position_mode == "contiguous":
+        raise ConfigError(
+            f"{asked} with position_mode='contiguous': a ragged cache keeps every key at its "
+            "original position; use position_mode original or an equal-count budgeter"
+        )
+    if ragged is not None:
+        raise ConfigError(f"{asked} {ragged}")
+    if layout.n_blocks > 1:
+        raise ConfigError(
+            f"{asked} in block {layout.block_index} of {layout.n_blocks}: block-wise prefill "
+            "over a ragged cache is not supported; use block_size=None (one-shot) or an "
+            "equal-count budgeter"
+        )
+
+
+def _ragged_step(
+    adapter: ModelAdapter,
+    comp: Composition,
+    cache: object,
+    layout: StepLayout,
+    keep: torch.Tensor,
+    ragged: str | None,
+) -> StepOutcome:
+    """Replace the dense cache by a ragged one holding each row's kept slots."""
+    _refuse_ragged(comp, layout, keep, ragged)
+    n_layers, n_kv = adapter.n_layers, adapter.n_kv_heads
+    full = keep.expand(n_layers, n_kv, layout.n_slots)
+    slots = torch.arange(layout.n_slots)
+    rows = [[slots[full[layer, head]] for head in range(n_kv)] for layer in range(n_layers)]
+    positions = layout.context_index[0, 0]  # one block, original positions: slot i at position i
+    ragged_cache = adapter.ragged_cache(cache, rows, positions)
+    counts = full.sum(-1)
+    width = int(counts.max())
+    index = torch.full((n_layers, n_kv, width), -1, dtype=torch.long)
+    for layer in range(n_layers):
+        for head in range(n_kv):
+            row = layout.context_index[layer, head, rows[layer][head]]
+            index[layer, head, : row.numel()] = row
+    return StepOutcome(index, None, ragged_cache, counts)
 
 
 @attrs.define
@@ -565,9 +750,17 @@ def _check_allocation(allocation: Allocation, layout: StepLayout, who: str) -> N
 
 
 def _merge(
-    allocation: Allocation, selected: torch.Tensor, layout: StepLayout, who: str
+    allocation: Allocation,
+    selected: torch.Tensor,
+    layout: StepLayout,
+    who: str,
+    pools_heads: bool = False,
 ) -> torch.Tensor:
-    return check_selection(allocation, selected, layout, who)
+    return check_selection(allocation, selected, layout, who, pools_heads)
+
+
+def _equal(counts: torch.Tensor) -> bool:
+    return bool((counts == counts.flatten()[0]).all())
 
 
 def _gather_index(step_index: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,15 @@ def run_shared(
     L = segments.context_length
     for pol, comp in zip(policies, comps, strict=True):
         comp.budgeter.validate(L)
-        check_supported(adapter, comp, segments, max_new_tokens, query_agnostic)
+        check_supported(
+            adapter,
+            comp,
+            segments,
+            max_new_tokens,
+            query_agnostic,
+            policy_name=pol.name,
+            decode_compression=pol.decode_interval is not None,
+        )
         if not can_share_prefill(comp, L):
             raise ValueError(
                 f"policy {pol.name!r} runs block-wise (block_size={comp.engine.block_size}) "
@@ -123,7 +131,7 @@ def run_shared(
         own = cache if i == len(comps) - 1 else adapter.copy_cache(cache)
         t2 = time.perf_counter()
         probe_inputs = ProbeInputs(context_ids=ctx, tokenizer=lm.tokenizer)
-        context_index, question_logits = compress_step(
+        outcome = compress_step(
             adapter,
             comp,
             own,
@@ -135,11 +143,12 @@ def run_shared(
             last=True,
             probe_inputs=probe_inputs,
         )
+        context_index, question_logits = outcome.context_index, outcome.question_logits
         _sync(device)
         compress_s = observer.seconds + (time.perf_counter() - t2)
         contiguous = comp.engine.position_mode == "contiguous"
         state = CompressedContext(
-            cache=own,
+            cache=outcome.cache,
             held_tokens=int(context_index.shape[-1]),
             context_index=context_index[
                 ..., : context_index.shape[-1] - (Q if question_logits is not None else 0)
@@ -153,6 +162,7 @@ def run_shared(
             blocks=1,
             question_logits=question_logits,
             probe_s=probe_inputs.seconds,
+            kept_counts=outcome.counts,
         )
         yield answer_compressed(
             lm,

@@ -187,7 +187,14 @@ def test_declared_knorm_goes_layerwise_with_the_same_slots_as_undeclared():
     assert torch.equal(declared.context_index, undeclared.context_index)
 
 
-@pytest.mark.parametrize("spec", ["laserkv:keep_ratio=0.3", "random:keep_ratio=0.3"])
+# layer-local plugins whose allocation gives layers different counts: the cache turns ragged after
+# the pass, so these steps compress after it (docs/api/interfaces.md, "Allocation shape")
+PER_LAYER_COUNTS = {"pyramidkv"}
+
+
+@pytest.mark.parametrize(
+    "spec", ["laserkv:keep_ratio=0.3", "random:keep_ratio=0.3", "pyramidkv:keep_ratio=0.3"]
+)
 def test_shipped_scorers_that_are_not_layer_local_keep_the_old_path(spec):
     lm = tiny_model("llama", seed=7, layers=3)
     segments = build_prompt(lm.tokenizer, CONTEXT, QUESTION)
@@ -206,7 +213,7 @@ def test_every_layer_local_shipped_policy_is_tested_here():
             local.add(name)
     tested = {spec.split(":")[0] for spec in LAYER_LOCAL}
     # "full" evicts nothing: it never runs a compression step, layer-wise or not
-    assert local - {"full"} == tested
+    assert local - {"full"} - PER_LAYER_COUNTS == tested
 
 
 @pytest.mark.parametrize("spec", ["snapkv:keep_ratio=0.3,window=8", "knorm:keep_ratio=0.3"])
