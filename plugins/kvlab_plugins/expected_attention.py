@@ -26,9 +26,11 @@ differences:
 - ``s`` is the model's own attention scaling (kvpress assumes ``1/sqrt(head_dim)``, the same for
   every model the differential test uses).
 
-Pre-RoPE queries are the queries at position 0 (RoPE is the identity there); the averaged rotation
-is built from the adapter's cos/sin for the future positions, partial rotary included, assuming
-the ``rotate_half`` pairing every shipped adapter uses.
+Pre-RoPE queries come from the adapter's query projection (norm included, as the model forms
+them, no rotation); the averaged rotation is built from the adapter's cos/sin for the future
+positions, partial rotary included, assuming the ``rotate_half`` pairing every shipped adapter
+uses (a RoPE attention factor, as in YaRN or LongRoPE, is in cos/sin and so enters once, as in
+kvpress).
 """
 
 from __future__ import annotations
@@ -52,17 +54,18 @@ def averaged_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> to
     """``mean_t R_t`` [head_dim, head_dim] from cos/sin [T, rotary_dim] (rotate_half pairing).
 
     ``R_t x`` is RoPE at position ``t`` applied to ``x``; channels past ``rotary_dim`` stay put.
+    ``R_t`` is ``diag(cos_t) + diag(sin_t) P`` with ``P`` the rotate_half pairing, so its mean is
+    built from the mean cos and sin directly ([rotary_dim] each, never [T, D, D]).
     """
     rd = cos.shape[-1]
     half = rd // 2
-    eye = torch.eye(rd, device=cos.device, dtype=cos.dtype)
-    p = torch.zeros(rd, rd, device=cos.device, dtype=cos.dtype)
-    p[half:, :half], p[:half, half:] = torch.eye(half), -torch.eye(half)
-    rot = (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * p).mean(dim=0)
-    if rd == head_dim:
-        return rot
+    mean_cos, mean_sin = cos.mean(dim=0), sin.mean(dim=0)
     out = torch.eye(head_dim, device=cos.device, dtype=cos.dtype)
-    out[:rd, :rd] = rot
+    idx = torch.arange(half, device=cos.device)
+    out[idx, idx] = mean_cos[:half]
+    out[idx + half, idx + half] = mean_cos[half:]
+    out[idx, idx + half] = -mean_sin[:half]  # rotate_half: x_i gets -x_{i+half} sin_i
+    out[idx + half, idx] = mean_sin[half:]  # and x_{i+half} gets x_i sin_{i+half}
     return out
 
 
@@ -75,6 +78,10 @@ def expected_attention_scores(
 ) -> torch.Tensor:
     """Expected attention of the keys under the queries' Gaussian, per KV head.
 
+    The rotation and the scalings are folded into the ``G`` query heads' statistics of each KV
+    head once (``s R mu`` and ``s^2/2 R S R^T``, [D, G] and [D, G*D]); the keys are multiplied
+    by them in one product per KV head, so keys are never copied per query head nor rotated.
+
     Args:
         queries: [B, H_q, s, D] pre-RoPE queries of the rows that give the statistics.
         keys: [B, H, n, D] the keys to score (RoPE applied, sinks and question left out).
@@ -82,22 +89,25 @@ def expected_attention_scores(
     Returns:
         [H, n] float32: softmax over the ``n`` keys of each query head, mean over its group.
     """
-    b, hq, _, d = queries.shape
+    b, hq, s, d = queries.shape
     h, n = keys.shape[1], keys.shape[2]
     g = hq // h
-    mu = queries.mean(dim=2, keepdim=True)
-    cov = None
+    mu = queries.mean(dim=2, keepdim=True)  # [B, H_q, 1, D]
+    # columns of the per-KV-head product: first the G rotated, scaled means
+    columns = [(torch.matmul(mu, rotation.T) * scaling).view(b, h, g, d).transpose(2, 3)]
     if use_covariance:
         centered = queries - mu
-        cov = torch.einsum("bnsi,bnsj->bnij", centered, centered) / queries.shape[2]
-    mu = torch.matmul(mu.squeeze(2), rotation.T)
-    k = keys[:, :, None].expand(b, h, g, n, d).reshape(b, hq, n, d).transpose(2, 3)
-    logits = torch.matmul(mu.unsqueeze(2), k).squeeze(2) * scaling
-    if cov is not None:
-        cov = torch.matmul(rotation, torch.matmul(cov, rotation.T))
-        logits += torch.einsum("bhin, bhij, bhjn->bhn", k, cov, k) * scaling * scaling / 2
-    probs = torch.softmax(logits, dim=-1)
-    return probs.view(b, h, g, n).mean(dim=2).sum(dim=0).float()
+        cov = torch.matmul(centered.transpose(2, 3), centered) / s  # [B, H_q, D, D]
+        cov = torch.matmul(rotation, torch.matmul(cov, rotation.T)) * (scaling * scaling / 2)
+        # [B, H, D, G*D]: (k @ this)[.., q*D + j] = sum_i k_i S_q[i, j]
+        columns.append(cov.view(b, h, g, d, d).transpose(2, 3).reshape(b, h, d, g * d))
+    product = torch.matmul(keys, torch.cat(columns, dim=-1))  # [B, H, n, G (+ G*D)]
+    logits = product[..., :g]  # s mu.k per query head of the group: [B, H, n, G]
+    if use_covariance:  # + s^2/2 k^T S k = sum_j (k S)_j k_j
+        quad = product[..., g:].view(b, h, n, g, d).mul_(keys.unsqueeze(3)).sum(dim=-1)
+        logits = logits + quad
+    probs = torch.softmax(logits, dim=2)  # over the n keys, per query head
+    return probs.mean(dim=3).sum(dim=0).float()
 
 
 @attrs.define(kw_only=True)
@@ -120,9 +130,8 @@ class ExpectedAttentionScorer(Scorer):
         if ctx_end - first < 1:
             return out
         rows = slice(first, ctx_end)
-        # RoPE at position 0 is the identity: these are the queries before RoPE
-        at_zero = attrs.evolve(obs, positions=torch.zeros_like(obs.positions))
-        queries = at_zero.queries(rows).float()
+        # the queries before RoPE (projected and normalised as the model does)
+        queries = obs.adapter.project_queries(obs.layer_idx, obs.hidden[:, rows]).float()
         # the positions after the context, built on the device (no host read per layer)
         steps = torch.arange(1, self.n_future_positions + 1, device=obs.positions.device)
         future = obs.positions[ctx_end - 1] + steps

@@ -78,6 +78,30 @@ def test_expected_attention_scores_by_hand():
     torch.testing.assert_close(got, ((p0 + p1) / 2)[None])
 
 
+def test_expected_attention_scores_equal_a_per_query_head_loop():
+    # independent reference in float64, one query head at a time: mean and covariance of its
+    # rows, rotated (R mu, R S R^T), the expected logit of every key, softmax, mean over the group
+    gen = torch.Generator().manual_seed(0)
+    n_kv, group, rows, n, d, s = 2, 3, 7, 11, 4, 0.4
+    queries = torch.randn(1, n_kv * group, rows, d, generator=gen)
+    keys = torch.randn(1, n_kv, n, d, generator=gen)
+    rotation = torch.randn(d, d, generator=gen)  # any matrix: catches a transposed product
+    for use_covariance in (True, False):
+        expected = torch.zeros(n_kv, n, dtype=torch.float64)
+        for head in range(n_kv * group):
+            q = queries[0, head].double()
+            mu = rotation.double() @ q.mean(dim=0)
+            centered = q - q.mean(dim=0)
+            cov = rotation.double() @ (centered.T @ centered / rows) @ rotation.double().T
+            k = keys[0, head // group].double()
+            logits = s * (k @ mu)
+            if use_covariance:
+                logits += s * s / 2 * torch.einsum("ni,ij,nj->n", k, cov, k)
+            expected[head // group] += torch.softmax(logits, dim=0) / group
+        got = expected_attention_scores(queries, keys, rotation, s, use_covariance)
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-7)
+
+
 def test_policy_record_and_validation():
     policy = load_policy("expected_attention:keep_ratio=0.25")
     assert repr(policy) == (
