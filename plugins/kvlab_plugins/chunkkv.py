@@ -110,7 +110,7 @@ def chunk_select(
     cand = _collapse(candidates.to(device, torch.bool), lead, "candidates").expand(*lead, n)
     if k == 0:
         return torch.empty(*lead, 0, dtype=torch.long, device=device)
-    tokens = torch.where(cand, scores.float(), torch.zeros((), device=device))
+    score = scores.float()
     # slots are in context order, so a chunk is a run of adjacent slots: number the runs densely
     # (at most N of them) instead of reading the largest position on the host
     chunk = torch.div(pos.long(), chunk_length, rounding_mode="floor")  # [a, b, N]
@@ -118,9 +118,9 @@ def chunk_select(
     starts[..., 1:] = chunk[..., 1:] != chunk[..., :-1]
     chunk = starts.long().cumsum(dim=-1) - 1
     n_chunks = n
-    weight = cand.float()
-    total = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, tokens)
-    count = torch.zeros(*lead, n_chunks, device=device).scatter_add_(-1, chunk, weight)
+    zeros = torch.zeros(*lead, n_chunks, device=device)
+    total = zeros.scatter_add(-1, chunk, torch.where(cand, score, 0.0))
+    count = zeros.scatter_add(-1, chunk, cand.float())
     mean = torch.where(count > 0, total / count.clamp(min=1), float("-inf"))
     # rank chunks best first (ties: the earlier chunk), then every slot inherits its chunk's rank
     order = mean.sort(dim=-1, descending=True, stable=True).indices
@@ -128,12 +128,21 @@ def chunk_select(
         -1, order, torch.arange(n_chunks, device=device).expand_as(order)
     )
     slot_rank = torch.where(cand, rank.gather(-1, chunk), n_chunks)
-    # best token first inside a chunk, then chunks by rank (both sorts stable): the first k slots
-    # are the whole best chunks and the best tokens of the first chunk that does not fit
-    by_token = torch.where(cand, tokens, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    by_chunk = slot_rank.gather(-1, by_token.indices).sort(dim=-1, stable=True).indices
-    kept = by_token.indices.gather(-1, by_chunk)[..., :k]
-    return kept.sort(dim=-1).values
+    # one stable sort on (chunk rank, token score descending): the first k slots are the whole
+    # best chunks and the best tokens of the first chunk that does not fit (ties: earlier slot).
+    # A float32 score maps to an int32 with the same order (negatives: flip the magnitude bits;
+    # + 0.0 turns -0.0 into 0.0, which compare equal), so both keys fit one int64.
+    token = torch.where(cand, score, float("-inf")) + 0.0
+    bits = token.view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    key = slot_rank.long() * (1 << 33) + ((1 << 31) - bits)
+    best = key.sort(dim=-1, stable=True).indices[..., :k]
+    kept = torch.zeros_like(cand).scatter_(-1, best, True)
+    # the kept slots in slot order, without a host read of their count or another sort
+    target = torch.where(kept, kept.long().cumsum(dim=-1) - 1, k)
+    slots = torch.arange(n, device=device).expand(*lead, n)
+    out = torch.zeros(*lead, k + 1, dtype=torch.long, device=device)
+    return out.scatter_(-1, target, slots)[..., :k]
 
 
 @attrs.define(kw_only=True)

@@ -70,6 +70,53 @@ def test_one_set_for_heads_whose_positions_differ_is_refused():
         chunk_select(torch.zeros(1, 1, 3), pos, torch.ones(1, 1, 3, dtype=torch.bool), 1, 2)
 
 
+def brute_force_chunks(scores, positions, candidates, k, chunk_length):
+    """ChunkKV's rule on plain lists: chunks ranked by their candidates' exact mean (ties: the
+    earlier chunk), whole while they fit, then the cut chunk's best candidates (ties: the
+    earlier slot); fewer candidates than k: the earliest other slots."""
+    from fractions import Fraction
+
+    members: dict[int, list[int]] = {}
+    for slot, (pos, cand) in enumerate(zip(positions, candidates, strict=True)):
+        if cand:
+            members.setdefault(pos // chunk_length, []).append(slot)
+    ranked = sorted(
+        members.values(),
+        key=lambda slots: (-Fraction(sum(int(scores[s]) for s in slots), len(slots)), slots[0]),
+    )
+    kept: list[int] = []
+    for slots in ranked:
+        best = sorted(slots, key=lambda s: (-scores[s], s))
+        kept += best[: k - len(kept)]
+        if len(kept) == k:
+            break
+    others = [s for s in range(len(scores)) if s not in kept]
+    return sorted(kept + others[: k - len(kept)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunk_selection_equals_a_brute_force_reference(seed):
+    # integer scores: many ties between tokens and between chunk means; protected slots inside
+    # chunks, question slots at the end, several index sets at once, k up to every slot
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(60):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        q = int(torch.randint(0, 4, (1,), generator=gen))
+        rows, heads = int(torch.randint(1, 3, (1,), generator=gen)), 2
+        positions = torch.cat([torch.arange(n), torch.full((q,), -1)])
+        scores = torch.randint(-3, 4, (rows, heads, n + q), generator=gen).float()
+        cand = (torch.rand(rows, heads, n + q, generator=gen) > 0.2) & (positions >= 0)
+        length = int(torch.randint(1, 7, (1,), generator=gen))
+        k = int(torch.randint(0, n + q + 1, (1,), generator=gen))
+        got = chunk_select(scores, positions.expand(1, 1, -1), cand, k, length)
+        for r in range(rows):
+            for h in range(heads):
+                expected = brute_force_chunks(
+                    scores[r, h].tolist(), positions.tolist(), cand[r, h].tolist(), k, length
+                )
+                assert got[r, h].tolist() == expected, (n, q, k, length, scores[r, h].tolist())
+
+
 def _kept(lm, spec: str, query_agnostic: bool = False) -> torch.Tensor:
     segments = build_prompt(lm.tokenizer, CONTEXT, QUESTION)
     state = prefill_and_compress(lm, load_policy(spec), segments, query_agnostic=query_agnostic)
