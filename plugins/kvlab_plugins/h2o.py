@@ -59,6 +59,52 @@ def accumulated_attention(obs: Any, query_block: int) -> torch.Tensor:
     return total
 
 
+def _cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """PyTorch's fused CPU attention kernel, which also returns each row's log-sum-exp."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_column_sums(obs: LayerObservation) -> torch.Tensor | None:
+    """:func:`accumulated_attention` from two fused attention passes, or None where not exact.
+
+    The column sum of key ``j`` is ``sum_{i >= j} exp(s q_i.k_j - lse_i)`` with ``lse_i`` the
+    log-sum-exp of row ``i``'s logits. The first pass (causal attention of the rows) returns
+    every ``lse_i``; the second runs attention the other way round, over the reversed sequence
+    so that it is causal again: key ``j`` asks, row ``i`` answers with the logit
+    ``[s q_i, -lse_i] . [k_j, 1]``, and that pass's log-sum-exp is the log of the column sum.
+    Neither pass forms a weight matrix (the kernel works in cache-sized tiles), one query head
+    at a time holds ``[B, 1, n, head_dim + 1]`` tensors. The sums are H2O's exactly, up to
+    float32 rounding in a different order (the tests compare with eager attention).
+
+    Used for a pass over the whole sequence (no past slots: decode eviction and block-wise
+    steps keep the block path) on CPU, without logit soft-capping (the kernel cannot cap).
+    """
+    flash = _cpu_flash_attention()
+    if (
+        flash is None
+        or obs.keys.device.type != "cpu"
+        or obs.n_past != 0
+        or obs.adapter.logit_softcap(obs.layer_idx)
+    ):
+        return None
+    queries = obs.queries(slice(0, obs.n_rows)).float()  # [B, H_q, n, D]
+    keys = obs.keys.float()  # [B, H, n, D]: no past, so the keys are the rows'
+    b, hq, n, _ = queries.shape
+    group = hq // keys.shape[1]
+    scaling = obs.adapter.scaling(obs.layer_idx)
+    total = queries.new_zeros(keys.shape[1], n)
+    ones = queries.new_ones(b, 1, n, 1)
+    for head in range(hq):
+        q = queries[:, head : head + 1]
+        k = keys[:, head // group : head // group + 1]
+        _, lse = flash(q, k, k, 0.0, True, scale=scaling)  # [B, 1, n]
+        rows = torch.cat([q * scaling, -lse.unsqueeze(-1)], dim=-1).flip(2)
+        cols = torch.cat([k, ones], dim=-1).flip(2)
+        _, lse_cols = flash(cols, rows, cols, 0.0, True, scale=1.0)
+        total[head // group] += lse_cols.flip(-1).exp().sum(dim=(0, 1))
+    return total
+
+
 def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
     """Slots kept by H2O per head: [H, budget], sorted.
 
@@ -80,7 +126,11 @@ def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
 
 @attrs.define(kw_only=True)
 class H2OScorer(Scorer):
-    """Accumulated causal attention of every row of the pass, per KV head."""
+    """Accumulated causal attention of every row of the pass, per KV head.
+
+    :func:`fused_column_sums` where it applies (a whole-sequence pass on CPU), else the block
+    path :func:`accumulated_attention` with at most ``query_block`` rows at a time.
+    """
 
     name: ClassVar[str] = "h2o"
     layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
@@ -91,7 +141,8 @@ class H2OScorer(Scorer):
     )
 
     def observe(self, obs: LayerObservation) -> torch.Tensor:
-        return accumulated_attention(obs, self.query_block)
+        fused = fused_column_sums(obs)
+        return fused if fused is not None else accumulated_attention(obs, self.query_block)
 
     def score(
         self,

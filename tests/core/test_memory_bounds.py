@@ -12,7 +12,7 @@ import pytest
 import torch
 from kvlab_plugins.exact import ExactScorer
 from kvlab_plugins.finch import FinchScorer
-from kvlab_plugins.h2o import H2OScorer
+from kvlab_plugins.h2o import H2OScorer, accumulated_attention, fused_column_sums
 from kvlab_plugins.snapkv import SnapKVScorer
 from kvlab_plugins.tova import TOVAScorer
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,8 +70,15 @@ def observation() -> LayerObservation:
     )
 
 
+class H2OBlocks:
+    """H2O's block path (decode eviction, past slots, soft-capping, GPUs): the chunk bounds it."""
+
+    def observe(self, obs: LayerObservation) -> torch.Tensor:
+        return accumulated_attention(obs, H2OScorer().query_block)
+
+
 SCORERS = {
-    "h2o": lambda: H2OScorer(),
+    "h2o": lambda: H2OBlocks(),
     "exact": lambda: ExactScorer(),
     "finch": lambda: FinchScorer(),
     "snapkv": lambda: SnapKVScorer(window=QUESTION, kernel=5, pooling="avg"),
@@ -94,6 +101,16 @@ def test_scorer_allocations_stay_within_the_attention_chunk(name, observation):
     whole, largest_whole = observe(scorer, observation, 1 << 40)
     assert largest_whole >= 2 * BOUND, f"{name}: one block took only {largest_whole} bytes"
     torch.testing.assert_close(bounded, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_h2o_stays_within_the_bound_whatever_the_chunk(observation):
+    # the fused path (a whole-sequence pass on CPU) forms no weight matrix at all: with the chunk
+    # lifted it still allocates less than the bounded block path may, and sums the same
+    assert fused_column_sums(observation) is not None
+    fused, largest = observe(H2OScorer(), observation, 1 << 40)
+    assert largest <= BOUND, f"fused h2o: {largest} bytes at once"
+    blocks, _ = observe(H2OBlocks(), observation, CHUNK)
+    torch.testing.assert_close(fused, blocks, rtol=1e-5, atol=1e-6)
 
 
 def test_tova_in_kv_head_blocks_equals_one_block(observation):
