@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
             f"{result.kept_tokens:.0f} ({result.kept_tokens / result.context_tokens:.1%})",
         ),
         (
+            "kept / layer min-mean-max",
+            "{:.1f} / {:.1f} / {:.1f}".format(*result.kept_per_layer_range),
+        ),
+        (
             "KV memory",
             f"{result.kv_bytes_kept / 2**20:.2f} MiB of {result.kv_bytes_full / 2**20:.2f} MiB",
         ),

@@ -75,7 +75,23 @@ COLUMNS = (
     "decode_tok_s",
     "shared_prefill",
     "prefills_per_sample",
+    "kept_layer_min",
+    "kept_layer_max",
 )
+
+
+def kept_off_target(row: dict) -> float:
+    """How far a row's kept tokens are from its target, as a fraction of the target.
+
+    Compares the total over layers and KV heads with the uniform budget's total
+    (``target_tokens x kv_rows``), so per-layer and per-head allocations (PyramidKV, Ada-KV)
+    are fair when their totals match; rows written before the total was recorded compare the
+    mean per layer and head, which is the same quantity divided by ``kv_rows``.
+    """
+    if row.get("kept_total") is not None and row.get("kv_rows"):
+        target = row["target_tokens"] * row["kv_rows"]
+        return abs(row["kept_total"] - target) / max(1, target)
+    return abs(row["kept_tokens"] - row["target_tokens"]) / max(1, row["target_tokens"])
 
 
 def _mean(values) -> float:
@@ -127,9 +143,7 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
     cells: dict[tuple, dict] = {}
     for key, g in groups.items():
         target = _mean(x["target_tokens"] for x in g)
-        worst = max(
-            abs(x["kept_tokens"] - x["target_tokens"]) / max(1, x["target_tokens"]) for x in g
-        )
+        worst = max(kept_off_target(x) for x in g)
         cells[key] = {"scores": _scores(g), "fair": worst <= FAIRNESS_TOLERANCE, "worst": worst}
         cells[key]["target"] = target
 
@@ -168,6 +182,9 @@ def summarize(rows: list[dict], reference: str | None = None) -> list[dict]:
             "shared_prefill": _mean(float(x["shared_prefill"]) for x in g),
             # rows before the counter existed ran one prefill each
             "prefills_per_sample": sum(x.get("prefills", 1) for x in g) / len(cell["scores"]),
+            # kept tokens per layer (mean over KV heads): lowest and highest layer of any row
+            "kept_layer_min": min(x.get("kept_layer_min", x["kept_tokens"]) for x in g),
+            "kept_layer_max": max(x.get("kept_layer_max", x["kept_tokens"]) for x in g),
         }
         full_cell = full.get((task, length))
         if full_cell is not None:
@@ -367,6 +384,19 @@ def write_summary(out: Path, rows: list[dict], metadata: dict) -> list[dict]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    spread = [s for s in summary if s["kept_layer_max"] - s["kept_layer_min"] > 1e-9]
+    if spread:
+        lines.append(
+            "Per-layer budgets: kept/layer min-mean-max (context tokens per layer, mean over KV "
+            "heads; fairness compares the total over layers and heads with the uniform total):"
+        )
+        lines.append("")
+        for s in spread:
+            lines.append(
+                f"- `{s['policy']}` on {s['task']} at {s['length']} tokens, keep {s['keep']}: "
+                f"{s['kept_layer_min']:.1f} / {s['kept_tokens']:.1f} / {s['kept_layer_max']:.1f}"
+            )
+        lines.append("")
     if unfair:
         lines.append("## Fairness warnings")
         lines.append("")

@@ -759,6 +759,12 @@ def _row(
         "metric": sample.metric,
         "score": float(score(sample, result.answer)),
         "kept_tokens": result.kept_tokens,
+        # per-layer / per-head allocations: the total over layers and KV heads is what fairness
+        # compares (with target_tokens x kv_rows); the per-layer spread is reported
+        "kept_total": result.kept_total,
+        "kv_rows": int(result.row_counts.numel()),
+        "kept_layer_min": min(result.kept_per_layer),
+        "kept_layer_max": max(result.kept_per_layer),
         # fairness is judged against the plain budget, never against a policy's own prediction
         "target_tokens": budget_tokens(result.context_tokens, e.policy.keep_ratio, e.policy.budget),
         "kv_bytes_full": result.kv_bytes_full,

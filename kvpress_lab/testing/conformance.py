@@ -360,13 +360,19 @@ def _check_indices(subject: _Subject, what: str, result) -> None:
     if idx.dtype != torch.long:
         _fail(subject, f"{what}: kept_indices has dtype {idx.dtype}; expected torch.long")
     n = result.context_tokens
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+    # rows of a ragged result (per-layer / per-head counts) hold their count, then -1 padding
+    held = torch.arange(idx.shape[-1]) < result.row_counts[..., None]
+    if not bool((idx[~held] == -1).all()):
+        _fail(subject, f"{what}: kept_indices padding after a row's kept_counts is not -1")
+    real = idx[held]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= n):
         _fail(
             subject,
-            f"{what}: kept_indices range over [{int(idx.min())}, {int(idx.max())}], outside the "
-            f"context [0, {n - 1}]",
+            f"{what}: kept_indices range over [{int(real.min())}, {int(real.max())}], outside "
+            f"the context [0, {n - 1}]",
         )
-    if idx.shape[-1] > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
+    rising = (idx[..., 1:] > idx[..., :-1]) | ~held[..., 1:]
+    if idx.shape[-1] > 1 and not bool(rising.all()):
         _fail(
             subject,
             f"{what}: kept_indices are not strictly increasing in every row (unsorted or "

@@ -74,11 +74,19 @@ def test_every_registered_policy_keeps_the_same_tokens_per_layer(name, lm, segme
     state = prefill_and_compress(lm, policy, segments)
     index = state.context_index
     assert index.shape[0] == 2
-    assert abs(index.shape[-1] - target) <= 0.01 * target, (
-        f"{name} kept {index.shape[-1]} context tokens per layer; the fair count is {target}"
+    # per-layer / per-head allocations: the mean over layers and heads (the total) is fair
+    assert abs(state.kept_tokens - target) <= 0.01 * target, (
+        f"{name} kept {state.kept_tokens} context tokens per layer; the fair count is {target}"
     )
-    assert bool(((index >= 0) & (index < L)).all())
-    assert bool((index.diff(dim=-1) > 0).all()), "kept positions are not unique and ordered"
+    # rows of a ragged result hold their count of positions, then -1 padding
+    counts = state.kept_counts
+    held = torch.ones_like(index, dtype=torch.bool)
+    if counts is not None:
+        held = torch.arange(index.shape[-1]) < counts[..., None]
+    assert bool(((index[held] >= 0) & (index[held] < L)).all())
+    assert bool((index[~held] == -1).all())
+    rising = (index.diff(dim=-1) > 0) | ~held[..., 1:]
+    assert bool(rising.all()), "kept positions are not unique and ordered"
     if getattr(policy, "block_size", None):
         assert state.blocks == -(-L // BLOCK) > 1
 
