@@ -15,7 +15,7 @@ from kvpress_lab.errors import ConfigError, UnknownPolicyError
 from kvpress_lab.interfaces import ScoreSource
 from kvpress_lab.prompt import PromptSegments, build_prompt
 from kvpress_lab.spec import load_policy
-from kvpress_lab.testing.conformance import CHECKS, check_policy
+from kvpress_lab.testing.conformance import check_policy
 
 CONTEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 4
 QUESTION = "Which animal jumps?"
@@ -120,9 +120,7 @@ def test_errors_name_the_value_and_the_fix():
 
 
 def test_conforms():
-    # shapes and edge_cases read the kept indices as one dense [Ly, H, k] tensor of positions;
-    # a ragged result pads each row with -1 after its count, which they do not read yet
-    check_policy("adakv", checks=[c for c in CHECKS if c not in ("shapes", "edge_cases")])
+    check_policy("adakv")
 
 
 @pytest.mark.parametrize(
