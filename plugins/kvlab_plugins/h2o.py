@@ -72,8 +72,8 @@ def fused_column_sums(obs: LayerObservation) -> torch.Tensor | None:
     every ``lse_i``; the second runs attention the other way round, over the reversed sequence
     so that it is causal again: key ``j`` asks, row ``i`` answers with the logit
     ``[s q_i, -lse_i] . [k_j, 1]``, and that pass's log-sum-exp is the log of the column sum.
-    Neither pass forms a weight matrix (the kernel works in cache-sized tiles), one query head
-    at a time holds ``[B, 1, n, head_dim + 1]`` tensors. The sums are H2O's exactly, up to
+    Neither pass forms a weight matrix (the kernel works in cache-sized tiles); the inputs are
+    ``[B, H_q, n, head_dim + 1]``, the size of the queries themselves. The sums are H2O's exactly, up to
     float32 rounding in a different order (the tests compare with eager attention).
 
     Used for a pass over the whole sequence (no past slots: decode eviction and block-wise
@@ -88,20 +88,16 @@ def fused_column_sums(obs: LayerObservation) -> torch.Tensor | None:
     ):
         return None
     queries = obs.queries(slice(0, obs.n_rows)).float()  # [B, H_q, n, D]
-    keys = obs.keys.float()  # [B, H, n, D]: no past, so the keys are the rows'
     b, hq, n, _ = queries.shape
-    group = hq // keys.shape[1]
+    n_kv = obs.keys.shape[1]
+    # no past, so the keys are the rows'; the kernel takes one key head per query head
+    keys = obs.keys.float().repeat_interleave(hq // n_kv, dim=1)
     scaling = obs.adapter.scaling(obs.layer_idx)
-    total = queries.new_zeros(keys.shape[1], n)
-    ones = queries.new_ones(b, 1, n, 1)
-    for head in range(hq):
-        q = queries[:, head : head + 1]
-        k = keys[:, head // group : head // group + 1]
-        _, lse = flash(q, k, k, 0.0, True, scale=scaling)  # [B, 1, n]
-        rows = torch.cat([q * scaling, -lse.unsqueeze(-1)], dim=-1).flip(2)
-        cols = torch.cat([k, ones], dim=-1).flip(2)
-        _, lse_cols = flash(cols, rows, cols, 0.0, True, scale=1.0)
-        total[head // group] += lse_cols.flip(-1).exp().sum(dim=(0, 1))
+    _, lse = flash(queries, keys, keys, 0.0, True, scale=scaling)  # [B, H_q, n]
+    rows = torch.cat([queries * scaling, -lse.unsqueeze(-1)], dim=-1).flip(2)
+    cols = torch.cat([keys, queries.new_ones(b, hq, n, 1)], dim=-1).flip(2)
+    _, lse_cols = flash(cols, rows, cols, 0.0, True, scale=1.0)
+    total = lse_cols.flip(-1).exp().view(b, n_kv, hq // n_kv, n).sum(dim=(0, 2))
     return total
 
 
