@@ -69,7 +69,9 @@ def run_segments(
         decode_compression=policy.decode_interval is not None,
     )
     plan_generation(policy, comp, segments.context_length, segments.question_length)
-    state = prefill_and_compress(lm, comp, segments, query_agnostic=query_agnostic)
+    state = prefill_and_compress(
+        lm, comp, segments, query_agnostic=query_agnostic, policy_name=policy.name
+    )
     return answer_compressed(
         lm,
         policy,

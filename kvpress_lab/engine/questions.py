@@ -88,7 +88,9 @@ def answer_questions(
             decode_compression=policy.decode_interval is not None,
         )
     prefills = 0
-    state = prefill_and_compress(lm, comp, questions[0], query_agnostic=True)
+    state = prefill_and_compress(
+        lm, comp, questions[0], query_agnostic=True, policy_name=policy.name
+    )
     prefills += 1
     results = []
     for i, segments in enumerate(questions):

@@ -142,10 +142,12 @@ def check_supported(
 ) -> None:
     """Refuse, before any model work, what the model's adapter cannot run exactly.
 
-    Also refuses a policy whose layers/heads keep different counts (a ragged cache) together
-    with what a ragged cache cannot do: block-wise prefill, contiguous positions, decode-time
-    eviction or generation-time compression (``decode_compression``). ``policy_name`` names the
-    policy in that message (the budgeter's name otherwise).
+    Also refuses a selector that pools heads (so heads keep different counts: a ragged cache)
+    together with what a ragged cache cannot do: block-wise prefill, contiguous positions,
+    decode-time eviction or generation-time compression (``decode_compression``). A budgeter's
+    unequal counts are refused by :func:`prefill_and_compress` before each step's forward pass
+    (budgeters are asked once per step, never ahead). ``policy_name`` names the policy in the
+    message (the budgeter's name otherwise).
     """
     L = segments.context_length
     block = comp.engine.block_size
@@ -156,15 +158,30 @@ def check_supported(
         position_jumps=multi_block and original and not query_agnostic,
         rerotates=not original,
     )
+    cannot = _ragged_limits(comp, L, decode_compression)
+    if cannot and comp.selector.pools_heads:
+        _refuse_unequal(
+            policy_name or comp.budgeter.name,
+            f"selector {comp.selector.name!r} pools each layer's budget across its KV heads "
+            "(heads keep different counts)",
+            cannot[0],
+        )
+
+
+def _ragged_limits(
+    comp: Composition, context_length: int, decode_compression: bool = False
+) -> list[tuple[str, str]]:
+    """What this run does that a ragged cache cannot follow: (what, fix) pairs."""
+    block = comp.engine.block_size
     cannot = []
-    if multi_block:
+    if block is not None and block < context_length:
         cannot.append(
             (
-                f"block-wise prefill (block_size={block} over {L} tokens)",
+                f"block-wise prefill (block_size={block} over {context_length} tokens)",
                 "use block_size=None (one-shot compression)",
             )
         )
-    if not original:
+    if comp.engine.position_mode != "original":
         cannot.append(("position_mode='contiguous'", "use position_mode=original"))
     if comp.decode_evictor is not None:
         cannot.append(("decode-time eviction", "turn the policy's decode eviction off"))
@@ -172,55 +189,33 @@ def check_supported(
         cannot.append(
             ("generation-time compression (decode_interval)", "drop decode_interval/decode_budget")
         )
-    if not cannot:
-        return
-    reason = _unequal_counts(adapter, comp, segments, query_agnostic)
-    if reason is None:
-        return
-    what, fix = cannot[0]
-    who = policy_name if policy_name is not None else comp.budgeter.name
+    return cannot
+
+
+def _refuse_unequal(who: str, reason: str, cannot: tuple[str, str]) -> None:
+    what, fix = cannot
     raise ConfigError(
         f"{who}: {reason}, so its cache would be ragged, and {what} cannot run over a ragged "
         f"cache; {fix} or use an equal-count budgeter"
     )
 
 
-def _unequal_counts(
-    adapter: ModelAdapter, comp: Composition, segments: PromptSegments, query_agnostic: bool
-) -> str | None:
-    """Why the policy's first step keeps different counts in different rows (None if it can't).
-
-    Asks the budgeter for the first step's allocation (budgeters decide from the layout alone,
-    before any model work) and the selector whether it pools heads.
-    """
-    if comp.selector.pools_heads:
-        return (
-            f"selector {comp.selector.name!r} pools each layer's budget across its KV heads "
-            "(heads keep different counts)"
-        )
-    L = segments.context_length
-    end = min(L, comp.engine.block_size or L)
-    Q = 0 if query_agnostic else segments.question_length
-    index = torch.cat([torch.arange(end), torch.full((Q,), -1)])
-    layout = StepLayout(
-        context_length=L,
-        block_index=0,
-        n_blocks=-(-L // (comp.engine.block_size or L)),
-        block_start=0,
-        block_end=end,
-        n_past=0,
-        n_question=Q,
-        context_index=index.expand(adapter.n_layers, adapter.n_kv_heads, -1),
-    )
-    comp.budgeter.validate(L)
-    allocation = comp.budgeter.allocate(layout)
-    check_allocation(allocation, layout, comp.budgeter.name)
+def _check_step_counts(
+    who: str, comp: Composition, layout: StepLayout, allocation: Allocation, cannot
+) -> None:
+    """Refuse, before the step's forward pass, an allocation whose rows keep different counts
+    when the run cannot hold a ragged cache (``cannot``: see :func:`_ragged_limits`)."""
+    if not cannot:
+        return
     kept = allocation.kept_counts(layout)
     if _equal(kept):
-        return None
-    return (
+        return
+    step = f" from block {layout.block_index} of {layout.n_blocks}" if layout.block_index else ""
+    _refuse_unequal(
+        who,
         f"budgeter {comp.budgeter.name!r} keeps between {int(kept.min())} and "
-        f"{int(kept.max())} tokens per layer/KV head"
+        f"{int(kept.max())} tokens per layer/KV head{step}",
+        cannot[0],
     )
 
 
@@ -236,11 +231,13 @@ def prefill_and_compress(
     segments: PromptSegments,
     query_agnostic: bool = False,
     layerwise: bool = True,
+    policy_name: str | None = None,
 ) -> CompressedContext:
     """Run the policy's prefill and compression over the context segment.
 
     ``layerwise=False`` always compresses after the forward pass, even where the plugins allow
     compressing each layer inside it (:func:`compresses_layerwise`); the kept slots are the same.
+    ``policy_name`` names the policy in refusals when ``policy`` is a composition.
     """
     comp = policy.compose() if isinstance(policy, Policy) else policy
     model, device = lm.model, lm.device
@@ -249,14 +246,9 @@ def prefill_and_compress(
     L = int(ctx.numel())
     comp.budgeter.validate(L)
     adapter = adapter_for(model)
-    check_supported(
-        adapter,
-        comp,
-        segments,
-        0,
-        query_agnostic,
-        policy_name=policy.name if isinstance(policy, Policy) else None,
-    )
+    who = policy.name if isinstance(policy, Policy) else policy_name or comp.budgeter.name
+    check_supported(adapter, comp, segments, 0, query_agnostic, policy_name=who)
+    cannot = _ragged_limits(comp, L)
     n_layers, n_kv = adapter.n_layers, adapter.n_kv_heads
     block = comp.engine.block_size or L
     bounds = [(s, min(s + block, L)) for s in range(0, L, block)]
@@ -296,6 +288,7 @@ def prefill_and_compress(
             context_index=step_index,
         )
         allocation, evicts, observer = plan_step(adapter, cache, comp, layout, n_in, positions)
+        _check_step_counts(who, comp, layout, allocation, cannot)
         per_layer = None
         # key origins re-rotate every layer of a step together: that path stays after the pass
         if (

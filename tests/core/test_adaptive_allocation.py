@@ -23,7 +23,6 @@ from kvpress_lab.adapters import adapter_for
 from kvpress_lab.adapters.ragged_attention import attention_implementation
 from kvpress_lab.adapters.ragged_cache import RaggedCache
 from kvpress_lab.engine.api import run_segments
-from kvpress_lab.engine.generation import plan_generation
 from kvpress_lab.engine.questions import answer_questions
 from kvpress_lab.engine.shared import run_shared
 from kvpress_lab.errors import ConfigError, PluginError
@@ -427,9 +426,10 @@ def test_several_questions_and_shared_prefill_over_a_ragged_cache():
         ),
         (
             {"decode_interval": 4, "decode_budget": 40},
-            r"^test_adaptive: budgeter 'test_layer_counts' keeps between 15 and 25 .* and "
-            r"generation-time compression \(decode_interval\) cannot run over a ragged cache; "
-            r"drop decode_interval/decode_budget or use an equal-count budgeter$",
+            r"^test_adaptive: decode_interval=4,decode_budget=40 compresses a dense cache while "
+            r"decoding, but test_adaptive gives layers/KV heads different counts \(budgeter "
+            r"'test_layer_counts', selector 'topk'\); drop decode_interval/decode_budget or use "
+            r"an equal-count budgeter$",
         ),
     ],
     ids=["block-wise", "contiguous", "pooled-block-wise", "decode-eviction", "decode-interval"],
@@ -445,18 +445,6 @@ def test_what_a_ragged_cache_cannot_do_is_refused_before_model_work(monkeypatch,
         with pytest.raises(ConfigError, match=message):
             prefill_and_compress(lm, policy, _segments())
     assert calls == []
-
-
-def test_generation_time_compression_plan_refuses_unequal_counts():
-    policy = HandPolicy(kind="layer", decode_interval=4, decode_budget=40)
-    with pytest.raises(
-        ConfigError,
-        match=r"^test_adaptive: decode_interval=4,decode_budget=40 compresses a dense cache "
-        r"while decoding, but test_adaptive gives layers/KV heads different counts \(budgeter "
-        r"'test_layer_counts', selector 'topk'\); drop decode_interval/decode_budget or use an "
-        r"equal-count budgeter",
-    ):
-        plan_generation(policy, policy.compose(), CONTEXT, 6)
 
 
 @attrs.define
@@ -475,8 +463,16 @@ class LateBudgeter(Budgeter):
         return Allocation(protected, candidates, torch.tensor([[8], [12]]))
 
 
-def test_unequal_counts_appearing_in_a_later_block_are_refused_at_that_step():
+def test_unequal_counts_appearing_in_a_later_block_are_refused_before_its_forward(monkeypatch):
     lm = _model("llama")
+    adapter_type = type(adapter_for(lm.model))
+    forward, passes = adapter_type.forward, []
+
+    def counted(self, ids, *args, **kwargs):
+        passes.append(int(ids.numel()))
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_type, "forward", counted)
     comp = Composition(
         budgeter=LateBudgeter(),
         selector=TopKSelector(),
@@ -485,11 +481,13 @@ def test_unequal_counts_appearing_in_a_later_block_are_refused_at_that_step():
     )
     with pytest.raises(
         ConfigError,
-        match=r"^kept between 10 and 14 slots per layer/KV head \(budgeter 'test_late_counts', "
-        r"selector 'topk'\) in block 1 of 3: block-wise prefill over a ragged cache is not "
-        r"supported; use block_size=None \(one-shot\) or an equal-count budgeter",
+        match=r"^test_late_counts: budgeter 'test_late_counts' keeps between 10 and 14 tokens per "
+        r"layer/KV head from block 1 of 3, so its cache would be ragged, and block-wise prefill "
+        r"\(block_size=16 over 48 tokens\) cannot run over a ragged cache; use block_size=None "
+        r"\(one-shot compression\) or use an equal-count budgeter$",
     ):
         prefill_and_compress(lm, comp, _segments())
+    assert passes == [16 + 6]  # block 0 and the question ran; block 1 never did
 
 
 def test_a_selector_breaking_the_counts_is_refused_by_name():
@@ -526,3 +524,31 @@ class _OverPooled(Policy):
             selector=_OverPoolingSelector(),
             scorers={"main": HandScorer()},
         )
+
+
+def test_kvlab_run_reports_the_per_layer_spread_and_ragged_rows(capsys, tiny_model_dir, tmp_path):
+    import json
+
+    from kvpress_lab.cli.main import main
+
+    context = tmp_path / "context.txt"
+    context.write_text("The grass is green. The sky is blue. The sun is yellow. " * 6)
+    args = ["run", "--model", str(tiny_model_dir), "--policy", "adakv:keep_ratio=0.4"]
+    args += ["--context-file", str(context), "--question", "Sky?", "--max-new-tokens", "2"]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = [row for layer in data["kept_indices"] for row in layer]
+    lengths = [len(row) for row in rows]
+    assert len(set(lengths)) > 1  # heads keep different counts, written unpadded
+    assert all(row == sorted(row) and min(row) >= 0 for row in rows if row)
+    assert sum(lengths) == data["kept_total"]
+    assert data["kept_tokens"] == pytest.approx(sum(lengths) / len(rows))
+    per_layer = data["kept_per_layer"]
+    assert data["kept_per_layer_range"] == pytest.approx(
+        {"min": min(per_layer), "mean": sum(per_layer) / len(per_layer), "max": max(per_layer)}
+    )
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    low, mean, high = data["kept_per_layer_range"].values()
+    assert "kept / layer min-mean-max" in out
+    assert f"{low:.1f} / {mean:.1f} / {high:.1f}" in out
