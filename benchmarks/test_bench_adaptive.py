@@ -46,9 +46,12 @@ def context(model, n: int) -> torch.Tensor:
     """Exactly ``n`` context tokens of the passkey haystack."""
     tokenizer = model.tokenizer
     per_repeat = len(tokenizer(NOISE, add_special_tokens=False)["input_ids"])
-    ids = tokenizer(haystack(n // per_repeat + 2), add_special_tokens=False)["input_ids"]
-    assert len(ids) >= n
-    return torch.tensor(ids[:n])
+    repeats = n // per_repeat + 2
+    while True:  # the haystack carries a needle and framing: grow it until it is long enough
+        ids = tokenizer(haystack(repeats), add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return torch.tensor(ids[:n])
+        repeats += max(1, (n - len(ids)) // per_repeat + 1)
 
 
 def measure(model, ids: torch.Tensor) -> dict[str, dict]:

@@ -185,7 +185,8 @@ def run_cell(lm, name: str, length: int) -> dict:
         peak_rss_growth_bytes=_peak_rss_bytes() - rss_before,
         peak_kv_tokens=res.peak_kv_tokens,
         peak_kv_bytes=res.peak_kv_bytes,
-        kept_tokens=int(res.kept_indices.shape[-1]),
+        kept_tokens=round(res.kept_tokens, 2),  # mean per layer and KV head (ragged: unequal)
+        kept_total=res.kept_total,
         torch_threads=torch.get_num_threads(),
     )
     return row
