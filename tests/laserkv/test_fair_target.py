@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from kvpress_lab.adapters import ModelAdapter
 from kvpress_lab.engine.runner import prefill_and_compress
 from kvpress_lab.prompt import PromptSegments
 from kvpress_lab.registry import default_registry
@@ -38,15 +39,31 @@ def _cache_slots(cache) -> list[int]:
     return [int(layer.keys.shape[-2]) for layer in cache.layers]
 
 
-def _kept(lm, policy, L: int) -> int:
+def _kept(lm, policy, L: int) -> float:
     state = prefill_and_compress(lm, policy, _segments(L))
     index = state.context_index
+    if state.kept_counts is not None:  # per-layer / per-head budgets: a ragged cache
+        return _kept_ragged(state, L)
     kept = int(index.shape[-1])
     question_slots = Q if state.question_logits is not None else 0
     assert set(_cache_slots(state.cache)) == {kept + question_slots}
     assert bool(((index >= 0) & (index < L)).all())
     assert bool((index.diff(dim=-1) > 0).all()), "kept positions are not unique and ordered"
     return kept
+
+
+def _kept_ragged(state, L: int) -> float:
+    """Mean kept tokens per layer and KV head, read from the ragged cache's own head lengths."""
+    counts = state.kept_counts
+    question_slots = Q if state.question_logits is not None else 0
+    for layer in range(counts.shape[0]):
+        held = ModelAdapter.head_lengths(state.cache, layer)
+        assert held == (counts[layer] + question_slots).tolist()
+        for head in range(counts.shape[1]):
+            row = state.context_index[layer, head, : int(counts[layer, head])]
+            assert bool(((row >= 0) & (row < L)).all())
+            assert bool((row.diff() > 0).all()), "kept positions are not unique and ordered"
+    return float(counts.double().mean())
 
 
 @pytest.mark.parametrize(
