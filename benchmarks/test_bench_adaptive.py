@@ -8,8 +8,8 @@ benchmark, cut to exactly 4096 tokens) at ``keep_ratio=0.25`` under the query-ag
 ``adakv`` (over SnapKV) and ``pyramidkv``, each with its default options. For each it records the
 bytes the final compressed cache allocates, as the model adapter measures them
 (``adapter.kv_bytes``: the tensors' storages, packed per KV head for a ragged cache), never a
-number derived from the keep ratio; plus the kept tokens (total over layers and KV heads, and
-the per-layer min / mean / max).
+number derived from the keep ratio; plus the kept tokens (total over layers and KV heads, the
+per-layer min / mean / max and the smallest and largest count of one KV head).
 
 Target (asserted): adakv and pyramidkv allocate within 2 % of SnapKV's bytes, and SnapKV about
 25 % of the full cache (within one percentage point). The numbers go to
@@ -77,6 +77,8 @@ def measure(model, ids: torch.Tensor) -> dict[str, dict]:
                 float(per_layer.mean()),
                 float(per_layer.max()),
             ],
+            # Ada-KV moves budget between the KV heads of a layer: its spread shows here
+            "kept_per_head_min_max": [int(counts.min()), int(counts.max())],
         }
     return rows
 
