@@ -27,7 +27,7 @@ from kvpress_lab.errors import ConfigError
 from kvpress_lab.interfaces import Budgeter, Scorer, Selector
 from kvpress_lab.policy import Composition, EngineOptions, Policy
 
-__all__ = ["NESTED_SEPARATOR", "ReusedScoring", "nested_spec", "reuse_scoring"]
+__all__ = ["NESTED_SEPARATOR", "ReusedScoring", "ReusesScoring", "nested_spec", "reuse_scoring"]
 
 NESTED_SEPARATOR = "+"
 """Separates the inner policy's name and parameters inside a nested spec."""
@@ -122,3 +122,22 @@ def reuse_scoring(
         scorer=read[0],
         engine=comp.engine,
     )
+
+
+class ReusesScoring:
+    """Mixin for a policy whose ``scorer`` field names the registered policy it scores with.
+
+    Subclasses declare ``scorer: str`` (and ``keep_ratio``/``budget``); a bad ``scorer`` spec
+    fails when the policy is built, not mid-run.
+    """
+
+    __slots__ = ()
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.reused_scoring()
+
+    def reused_scoring(self) -> ReusedScoring:
+        return reuse_scoring(
+            self.scorer, keep_ratio=self.keep_ratio, budget=self.budget, owner=self.name
+        )

@@ -47,7 +47,7 @@ from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Budgeter, Scorer, ScoreSource, Selector, StepLayout
 from kvpress_lab.params import Expose, policy_with
 from kvpress_lab.policy import Composition
-from kvpress_lab.reuse import reuse_scoring
+from kvpress_lab.reuse import ReusesScoring
 from kvpress_lab.selection import topk_candidates
 from kvpress_lab.validators import unit_interval
 
@@ -174,7 +174,7 @@ class AdaKVSelector(Selector):
 
 
 @attrs.define(kw_only=True)
-class AdaKVPolicy(policy_with(Expose(AdaKVSelector, only=("alpha_safeguard",)))):
+class AdaKVPolicy(ReusesScoring, policy_with(Expose(AdaKVSelector, only=("alpha_safeguard",)))):
     """Ada-KV (Feng et al. 2024) over another policy's scores: head budgets pooled per layer.
 
     ``alpha_safeguard`` is the selector's. ``scorer`` names the registered policy whose budgeter
@@ -187,17 +187,8 @@ class AdaKVPolicy(policy_with(Expose(AdaKVSelector, only=("alpha_safeguard",))))
     name: ClassVar[str] = "adakv"
     scorer: str = "snapkv"  # checked by reuse_scoring when the policy is built
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._reused()  # a bad scorer spec fails when the policy is built, not mid-run
-
-    def _reused(self):
-        return reuse_scoring(
-            self.scorer, keep_ratio=self.keep_ratio, budget=self.budget, owner=self.name
-        )
-
     def compose(self) -> Composition:
-        reused = self._reused()
+        reused = self.reused_scoring()
         selector = self.build(AdaKVSelector, scorer=reused.scorer, protected=PROTECTED)
         return reused.compose(selector, {PROTECTED: ProtectedSlotsScorer(budgeter=reused.budgeter)})
 

@@ -41,7 +41,7 @@ from kvpress_lab.hookspecs import hookimpl
 from kvpress_lab.interfaces import Scorer, ScoreSource, Selector, StepLayout
 from kvpress_lab.params import Expose, policy_with
 from kvpress_lab.policy import Composition
-from kvpress_lab.reuse import reuse_scoring
+from kvpress_lab.reuse import ReusesScoring
 from kvpress_lab.selection import Granularity, reduce_scores
 from kvpress_lab.validators import positive_int
 
@@ -172,7 +172,9 @@ class ChunkSelector(Selector):
 
 
 @attrs.define(kw_only=True)
-class ChunkKVPolicy(policy_with(Expose(ChunkSelector, only=("chunk_length", "granularity")))):
+class ChunkKVPolicy(
+    ReusesScoring, policy_with(Expose(ChunkSelector, only=("chunk_length", "granularity")))
+):
     """ChunkKV: another policy's scores, kept in whole chunks of ``chunk_length`` tokens.
 
     ``chunk_length`` and ``granularity`` are the chunk selector's. ``scorer`` names the registered
@@ -184,17 +186,8 @@ class ChunkKVPolicy(policy_with(Expose(ChunkSelector, only=("chunk_length", "gra
     name: ClassVar[str] = "chunkkv"
     scorer: str = "snapkv"  # checked by reuse_scoring when the policy is built
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._reused()  # a bad scorer spec fails when the policy is built, not mid-run
-
-    def _reused(self):
-        return reuse_scoring(
-            self.scorer, keep_ratio=self.keep_ratio, budget=self.budget, owner=self.name
-        )
-
     def compose(self) -> Composition:
-        reused = self._reused()
+        reused = self.reused_scoring()
         selector = self.build(ChunkSelector, scorer=reused.scorer)
         return reused.compose(selector, {POSITIONS: ContextPositionScorer()})
 
