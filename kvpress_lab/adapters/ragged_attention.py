@@ -9,9 +9,12 @@ used, and a model is switched to it only for the duration of a forward pass over
 (:func:`ragged_attention_for`). An implementation name that transformers has no mask function for
 makes it skip mask construction, which this function does not need.
 
-The CPU path loops over KV heads and reads each head's body rows through views (no padding, no
+Large layers loop over KV heads and read each head's body rows through views (no padding, no
 copy of the cache per step); the dense tail's logits are formed for all heads in one batched
-product, and only the ``G x r x (L_h + t)`` logits of one head exist at a time. Logits are
+product, and only the ``G x r x (L_h + t)`` logits of one head exist at a time. Small layers
+(decode steps over short caches, up to :data:`BATCHED_MAX_PRODUCTS` multiply-adds) attend every
+query head to the whole packed body in one product and mask other heads' rows: more arithmetic,
+fewer kernel launches, which is what a decode step is bound by at that size. Logits are
 scaled, soft-capped where the layer caps them (Gemma 2) and normalised in float32, as the eager
 implementation does. Sliding-window layers are exact only while the run spans no more than the
 window, so longer spans are refused.
@@ -32,6 +35,9 @@ from kvpress_lab.errors import ConfigError
 __all__ = ["ATTENTION_NAME", "ragged_attention_for", "ragged_attention_forward", "register"]
 
 ATTENTION_NAME = "kvlab_ragged"
+#: Layers whose all-heads-against-whole-body product has at most this many multiply-adds
+#: (n_kv_heads * G * r * sum_h L_h * d) attend in one batched pass; larger ones loop over heads.
+BATCHED_MAX_PRODUCTS = 1 << 24
 
 
 def ragged_attention_forward(
@@ -77,6 +83,21 @@ def ragged_attention_forward(
         cols = torch.arange(t, device=query.device)[None, :]
         causal = cols > rows + (t - r)
         tail = tail.view(h_kv, g, r, t).masked_fill(causal, float("-inf")).view(h_kv, g * r, t)
+    n_body = key.body.shape[0]
+    if key.foreign_bias is not None and h_kv * g * r * n_body * d <= BATCHED_MAX_PRODUCTS:
+        # a small layer (decode steps, short caches): every head against the whole packed body
+        # in one product, other heads' rows masked out. The redundant arithmetic (n_kv_heads
+        # times the per-head loop's) costs less than one kernel launch per head at this size.
+        keys_t = key.body.t().expand(h_kv, d, n_body)
+        if softcap is None:
+            body = torch.baddbmm(key.foreign_bias, qs, keys_t, alpha=scaling)
+        else:
+            body = _capped(torch.bmm(qs, keys_t) * scaling, softcap) + key.foreign_bias
+        probs = torch.softmax(torch.cat([body, tail], dim=-1), -1, dtype=torch.float32)
+        probs = probs.to(value.body.dtype)
+        out = torch.matmul(probs[..., :n_body], value.body)
+        out.baddbmm_(probs[..., n_body:], value.tail)
+        return out.view(hq, r, -1).transpose(0, 1)[None], None
     out = query.new_empty(h_kv, g * r, value.body.shape[-1])
     for h in range(h_kv):
         kb, vb = key.head(h), value.head(h)  # views into the packed body

@@ -52,6 +52,8 @@ class RaggedView:
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
     tail: torch.Tensor
+    #: ``[n_kv_heads, 1, sum_h L_h]``, 0 where a body row is the head's own, -inf where another's
+    foreign_bias: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:
@@ -122,6 +124,24 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_len = 0
         self.device = body_keys.device
         self.is_initialized = True
+        self._foreign: torch.Tensor | None = None
+
+    def foreign_bias(self) -> torch.Tensor:
+        """``[n_kv_heads, 1, sum_h L_h]`` additive mask: 0 on a head's own body rows, -inf else.
+
+        Built once per body (the body is never written in place) and shared by copies.
+        """
+        if self._foreign is None:
+            owner = torch.repeat_interleave(
+                torch.arange(self.n_heads, device=self.device),
+                torch.tensor(self.lengths, device=self.device),
+            )
+            heads = torch.arange(self.n_heads, device=self.device)[:, None, None]
+            bias = torch.zeros(owner.shape, dtype=self.body_keys.dtype, device=self.device)
+            self._foreign = bias.expand(self.n_heads, 1, -1).masked_fill(
+                owner[None, None, :] != heads, float("-inf")
+            )
+        return self._foreign
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -210,9 +230,10 @@ class RaggedLayer(CacheLayerMixin):
             empty_v = self.body_values.new_empty(self.n_heads, 0, d_v)
         else:
             empty_k, empty_v = self.tail_keys[:, :t], self.tail_values[:, :t]
+        foreign = self.foreign_bias()
         return (
-            RaggedView(self.body_keys, self.offsets, self.lengths, empty_k),
-            RaggedView(self.body_values, self.offsets, self.lengths, empty_v),
+            RaggedView(self.body_keys, self.offsets, self.lengths, empty_k, foreign),
+            RaggedView(self.body_values, self.offsets, self.lengths, empty_v, foreign),
         )
 
     def compact(self) -> None:
@@ -230,12 +251,14 @@ class RaggedLayer(CacheLayerMixin):
         self.positions = torch.cat(ps)
         self.lengths = tuple(n + t for n in self.lengths)
         self.offsets = _offsets(self.lengths)
+        self._foreign = None
         self.tail_keys = self.tail_values = self.tail_positions = None
         self.tail_len = 0
 
     def clone_for_copy(self) -> RaggedLayer:
         """A layer sharing the (never written) body and owning a copy of the tail."""
         new = RaggedLayer(self.body_keys, self.body_values, self.lengths, self.positions)
+        new._foreign = self._foreign
         if self.tail_keys is not None:
             new.tail_keys = self.tail_keys.clone()
             new.tail_values = self.tail_values.clone()

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from kvpress_lab.adapters import adapter_for, supported_model_types
+from kvpress_lab.adapters import adapter_for, ragged_attention, supported_model_types
 from kvpress_lab.adapters.ragged_attention import (
     attention_implementation,
     ragged_attention_forward,
@@ -80,8 +80,12 @@ def test_every_supported_architecture_is_covered():
     assert tiny.ARCHS == ARCHS
 
 
+@pytest.mark.parametrize("path", ["batched", "per-head"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_equal_masked_dense_reference_over_32_decode_steps(arch):
+def test_logits_equal_masked_dense_reference_over_32_decode_steps(arch, path, monkeypatch):
+    # the tiny layers all fit the batched (whole-body, masked) path; a limit of 0 forces the loop
+    if path == "per-head":
+        monkeypatch.setattr(ragged_attention, "BATCHED_MAX_PRODUCTS", 0)
     lm = tiny_model(arch, seed=3, layers=2, heads=4, kv_heads=2)
     ad = adapter_for(lm.model)
     gen = torch.Generator().manual_seed(11)
