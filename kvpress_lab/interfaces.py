@@ -326,13 +326,16 @@ class LayerObservation:
                 logits = self.adapter.attention_logits(self.layer_idx, q, keys[:, :, :visible])
                 if causal:
                     row_slot = self.n_past + torch.arange(r0, r1, device=logits.device)
-                    key_slot = (
-                        torch.arange(visible, device=logits.device)
-                        if slots is None
-                        else slots.to(logits.device)
-                    )
-                    hidden = key_slot[None, :] > row_slot[:, None]
-                    logits.masked_fill_(hidden, float("-inf"))
+                    if slots is None:
+                        # every row sees the slots before the block's first row: only the
+                        # block's own r x r square can hold hidden entries
+                        first = self.n_past + r0
+                        key_slot = torch.arange(first, visible, device=logits.device)
+                        hidden = key_slot[None, :] > row_slot[:, None]
+                        logits[..., first:visible].masked_fill_(hidden, float("-inf"))
+                    else:
+                        hidden = slots.to(logits.device)[None, :] > row_slot[:, None]
+                        logits.masked_fill_(hidden, float("-inf"))
                 yield AttentionBlock(
                     rows=slice(r0, r1),
                     heads=slice(h0, h1),
