@@ -230,7 +230,15 @@ class LayerObservation:
     pass and ``positions`` their positions as the engine fed them. ``keys`` and ``values`` are the
     layer's cache after this pass (past slots first, then the new rows). Row ``r`` sits in slot
     ``n_past + r``. Model-specific arithmetic (query projection and norm, RoPE, scaling,
-    soft-capping) is the adapter's: scorers call :meth:`queries` and :meth:`attention`.
+    soft-capping) is the adapter's: scorers call :meth:`projected_queries`, :meth:`queries` and
+    :meth:`attention`.
+
+    ``projection`` is the layer's query projection output [B, n_rows, out] as the model computed
+    it in this forward pass, captured only for scorers that declare
+    :attr:`Scorer.needs_projected_queries` and held only until this layer's observation is done;
+    None otherwise (then queries are recomputed from ``hidden``). Read it through
+    :meth:`projected_queries`, never directly: its layout is the family's (fused ``qkv_proj``
+    for phi3, the query norm not yet applied).
     """
 
     layer_idx: int
@@ -248,6 +256,7 @@ class LayerObservation:
     # layer in the previous pass of the step (the forward pass or the previous probe)
     probe: Probe | None = None
     previous: torch.Tensor | None = None
+    projection: torch.Tensor | None = None  # [B, n_rows, out], see the class docstring
 
     @property
     def n_rows(self) -> int:
@@ -260,13 +269,32 @@ class LayerObservation:
         start = max(0, self.n_rows - self.observation_window)
         return slice(start, self.n_rows)
 
-    def queries(self, rows: slice) -> torch.Tensor:
-        """Recompute this layer's queries for ``rows``: [B, H_q, r, head_dim], RoPE applied.
+    def projected_queries(self, rows: slice) -> torch.Tensor:
+        """This layer's queries for ``rows`` before RoPE: [B, H_q, r, head_dim].
 
-        Recomputing from the layer input means no attention-weight tensor is ever needed, so
-        scoring works under SDPA and FlashAttention alike.
+        Projected and normalised as the family does (what ``adapter.project_queries`` returns).
+        When the engine captured the pass's own projection (:attr:`projection`, for scorers that
+        declare :attr:`Scorer.needs_projected_queries`) they are read from it, so the query
+        projection is not run a second time; otherwise they are recomputed from ``hidden``
+        (generation-time compression, probe passes, an adapter that cannot capture them).
         """
-        return self.adapter.queries(self.layer_idx, self.hidden[:, rows], self.positions[rows])
+        if self.projection is not None:
+            return self.adapter.queries_from_projection(self.layer_idx, self.projection[:, rows])
+        return self.adapter.project_queries(self.layer_idx, self.hidden[:, rows])
+
+    def queries(self, rows: slice) -> torch.Tensor:
+        """This layer's queries for ``rows``: [B, H_q, r, head_dim], RoPE applied.
+
+        :meth:`projected_queries` rotated at the rows' positions (recomputed from ``hidden`` by
+        ``adapter.queries`` when no projection was captured). Forming queries from the layer
+        input means no attention-weight tensor is ever needed, so scoring works under SDPA and
+        FlashAttention alike.
+        """
+        positions = self.positions[rows]
+        if self.projection is None:
+            return self.adapter.queries(self.layer_idx, self.hidden[:, rows], positions)
+        q = self.projected_queries(rows)
+        return self.adapter.rotate_queries(self.layer_idx, q, positions)
 
     def attention(self, rows: slice, causal: bool = True) -> torch.Tensor:
         """Softmax attention of ``rows`` over every key they can see, float32.
@@ -397,6 +425,16 @@ class Scorer(ABC):
     """
 
     name: ClassVar[str]
+
+    needs_projected_queries: ClassVar[bool] = False
+    """Whether :meth:`observe` reads the queries of many rows (declared by the scorer).
+
+    When True the engine captures each layer's query projection output in the forward pass
+    (:attr:`LayerObservation.projection`) so :meth:`LayerObservation.projected_queries` and
+    :meth:`LayerObservation.queries` do not project the rows again; it holds that output only
+    until the layer's observation is done. Worth it for scorers that read every row (Expected
+    Attention's query statistics); scorers reading a few rows leave it False and pay nothing.
+    """
 
     layer_local: ClassVar[bool] = False
     """Whether a layer's scores depend on that layer alone (declared by the scorer, default no).

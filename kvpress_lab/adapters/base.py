@@ -92,6 +92,39 @@ class ModelAdapter:
         """The linear layer whose input is the attention input (hooked to capture it)."""
         return self.attention(layer).q_proj
 
+    def on_query_projection(
+        self,
+        layer: int,
+        fn: Callable[[torch.Tensor, torch.Tensor | None], None],
+        with_output: bool = False,
+    ) -> Any:
+        """Call ``fn(hidden, projected)`` each time ``layer``'s query projection runs.
+
+        ``hidden`` is the attention input [B, n, hidden_size] (the projection's positional
+        input). With ``with_output`` the hook runs after the projection and ``projected`` is its
+        output as the model computed it (hand it to :meth:`queries_from_projection`); without,
+        it runs before and ``projected`` is None, so nothing is kept alive that the model would
+        have freed. Returns a handle (``.remove()``).
+        """
+        module = self.query_projection(layer)
+        if with_output:
+            return module.register_forward_hook(lambda mod, args, out: fn(args[0], out))
+        return module.register_forward_pre_hook(lambda mod, args: fn(args[0], None))
+
+    @property
+    def captures_projected_queries(self) -> bool:
+        """Whether :meth:`queries_from_projection` turns a captured projection into queries.
+
+        True for every shipped family. A family that overrides :meth:`project_queries` but not
+        :meth:`queries_from_projection` computes its queries some other way, so the engine
+        recomputes them from the attention input instead of trusting the captured output.
+        """
+        cls = type(self)
+        return (
+            cls.project_queries is ModelAdapter.project_queries
+            or cls.queries_from_projection is not ModelAdapter.queries_from_projection
+        )
+
     def on_attention_done(self, layer: int, fn: Callable[[], None]) -> Any:
         """Call ``fn()`` each time ``layer``'s attention has run; returns a handle (``.remove()``).
 
@@ -104,12 +137,21 @@ class ModelAdapter:
 
     def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Queries before RoPE, [B, H_q, r, head_dim], normalised as the family does."""
-        attn = self.attention(layer)
-        # .forward: no hooks, so recomputing queries never feeds an observer's input capture
-        q = attn.q_proj.forward(hidden).view(*hidden.shape[:2], -1, self.head_dim)
-        q_norm = getattr(attn, "q_norm", None)
-        if q_norm is not None:  # per-head norm (qwen3, gemma3)
-            q = q_norm(q)
+        # .forward: no hooks, so recomputing queries never feeds an observer's capture
+        projected = self.query_projection(layer).forward(hidden)
+        return self.queries_from_projection(layer, projected)
+
+    def queries_from_projection(self, layer: int, projected: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE queries [B, H_q, r, head_dim] from the query projection's output [B, r, out].
+
+        What the attention does between its query projection and RoPE (split into heads, the
+        family's query norm), so the projection the model computed in its own forward
+        (:meth:`on_query_projection`) gives the same queries as :meth:`project_queries`.
+        """
+        q = projected.view(*projected.shape[:2], -1, self.head_dim)
+        q_norm = getattr(self.attention(layer), "q_norm", None)
+        if q_norm is not None:  # per-head norm (qwen3, gemma3); .forward: no hooks
+            q = q_norm.forward(q)
         return q.transpose(1, 2)
 
     # ---------------------------------------------------------------- positions
@@ -130,8 +172,11 @@ class ModelAdapter:
 
     def queries(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Queries of ``hidden`` rows at ``positions``, exactly as the attention forms them."""
-        q = self.project_queries(layer, hidden)
-        cos, sin = self.rotary(layer, positions, hidden)
+        return self.rotate_queries(layer, self.project_queries(layer, hidden), positions)
+
+    def rotate_queries(self, layer: int, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE of pre-RoPE queries ``q`` [B, H_q, r, head_dim] at ``positions`` [r]."""
+        cos, sin = self.rotary(layer, positions, q)
         # the family's own RoPE function also rotates a key: hand it one head so that costs nothing
         q, _ = self._apply_rotary_fn(layer)(q, q[:, :1], cos.to(q.dtype), sin.to(q.dtype))
         return q

@@ -15,7 +15,6 @@ class Olmo2Adapter(ModelAdapter):
     model_types = ("olmo2",)
     features = ("GQA", "q_norm over the whole projection")
 
-    def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        attn = self.attention(layer)
-        q = attn.q_norm(attn.q_proj.forward(hidden))  # .forward: bypasses observer hooks
-        return q.view(*hidden.shape[:2], -1, self.head_dim).transpose(1, 2)
+    def queries_from_projection(self, layer: int, projected: torch.Tensor) -> torch.Tensor:
+        q = self.attention(layer).q_norm.forward(projected)  # .forward: no hooks
+        return q.view(*projected.shape[:2], -1, self.head_dim).transpose(1, 2)

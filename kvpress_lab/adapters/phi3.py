@@ -24,7 +24,6 @@ class Phi3Adapter(ModelAdapter):
     def query_projection(self, layer: int) -> nn.Module:
         return self.attention(layer).qkv_proj
 
-    def project_queries(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        q_dim = self.n_heads * self.head_dim
-        q = self.attention(layer).qkv_proj.forward(hidden)[..., :q_dim]  # no observer hooks
-        return q.reshape(*hidden.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)
+    def queries_from_projection(self, layer: int, projected: torch.Tensor) -> torch.Tensor:
+        q = projected[..., : self.n_heads * self.head_dim]  # queries first, then keys, values
+        return q.reshape(*projected.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)

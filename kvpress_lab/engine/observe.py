@@ -1,10 +1,16 @@
 """Let scorers observe each attention layer during one forward pass.
 
 Hooks are registered for one forward pass and removed right after: nothing in transformers is
-patched. Where to hook and how to read a layer is the adapter's knowledge: a pre-hook on the
-layer's query projection captures the attention input (an ``nn.Linear``'s positional input, the
-same in every release), and a hook on the attention module fires once the layer's keys are in the
-cache, which the engine owns and reads through the adapter. Positions are the ones the engine fed.
+patched. Where to hook and how to read a layer is the adapter's knowledge: a hook on the layer's
+query projection captures the attention input (an ``nn.Linear``'s positional input, the same in
+every release), and a hook on the attention module fires once the layer's keys are in the cache,
+which the engine owns and reads through the adapter. Positions are the ones the engine fed.
+
+When a scorer declares :attr:`~kvpress_lab.interfaces.Scorer.needs_projected_queries`, the
+projection hook runs after the projection and also keeps its output, the pass's own queries
+(:attr:`~kvpress_lab.interfaces.LayerObservation.projection`). Both captures of a layer are
+released as soon as that layer has been observed, so at most one layer's are held at a time
+(the layer being computed, plus the one being observed).
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ class Observer:
         # wait for the GPU, so the forward pass is never synchronised layer by layer
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._hidden: list[torch.Tensor | None] = [None] * adapter.n_layers
+        # the query projection's output per layer, kept only when a scorer asks for it
+        self.captures_queries = adapter.captures_projected_queries and any(
+            s.needs_projected_queries for _, s in self.scorers
+        )
+        self._projection: list[torch.Tensor | None] = [None] * adapter.n_layers
+        # True while scorers run: projections they compute themselves (e.g. a kvpress scorer
+        # calling the module's q_proj) must not be taken for the pass's
+        self._observing = False
 
     @property
     def seconds(self) -> float:
@@ -75,7 +89,9 @@ class Observer:
         for i in range(self.adapter.n_layers):
             if self.scorers:
                 handles.append(
-                    self.adapter.query_projection(i).register_forward_pre_hook(self._capture(i))
+                    self.adapter.on_query_projection(
+                        i, self._capture(i), with_output=self.captures_queries
+                    )
                 )
             handles.append(self.adapter.on_attention_done(i, self._observe(i)))
         try:
@@ -84,29 +100,35 @@ class Observer:
             for h in handles:
                 h.remove()
             self._hidden = [None] * self.adapter.n_layers
+            self._projection = [None] * self.adapter.n_layers
 
     def _capture(self, layer_idx: int):
-        def pre_hook(module, args):
-            self._hidden[layer_idx] = args[0]
+        def capture(hidden: torch.Tensor, projected: torch.Tensor | None) -> None:
+            if not self._observing:
+                self._hidden[layer_idx] = hidden
+                self._projection[layer_idx] = projected
 
-        return pre_hook
+        return capture
 
     def _observe(self, layer_idx: int):
         def hook() -> None:
             if self.scorers:
-                hidden = self._hidden[layer_idx]
-                self._hidden[layer_idx] = None
-                self.observe_layer(layer_idx, hidden)
+                hidden, projection = self._hidden[layer_idx], self._projection[layer_idx]
+                self._hidden[layer_idx] = self._projection[layer_idx] = None
+                self.observe_layer(layer_idx, hidden, projection)
             if self.after_layer is not None:
                 self.after_layer(layer_idx)
 
         return hook
 
-    def observe_layer(self, layer_idx: int, hidden: torch.Tensor) -> None:
+    def observe_layer(
+        self, layer_idx: int, hidden: torch.Tensor, projection: torch.Tensor | None = None
+    ) -> None:
         """Run the scorers on ``layer_idx`` for the rows ``hidden`` (the last rows of its cache).
 
         Called by the forward hook, or by the engine after the pass for rows it recorded itself
-        (generation-time compression observes the rows of several single-token passes at once).
+        (generation-time compression observes the rows of several single-token passes at once;
+        no ``projection`` then: scorers' queries are recomputed from ``hidden``).
         """
         cuda = hidden.device.type == "cuda"
         if cuda:
@@ -130,10 +152,15 @@ class Observer:
             question_rows=self.question_rows,
             observation_window=self.observation_window,
             layout=self.layout,
+            projection=projection,
         )
-        with torch.no_grad():
-            for name, scorer in self.scorers:
-                self.observed[name][layer_idx] = scorer.observe(obs)
+        self._observing = True
+        try:
+            with torch.no_grad():
+                for name, scorer in self.scorers:
+                    self.observed[name][layer_idx] = scorer.observe(obs)
+        finally:
+            self._observing = False
         if cuda:
             events[1].record()
             self._events.append(events)

@@ -26,8 +26,10 @@ differences:
 - ``s`` is the model's own attention scaling (kvpress assumes ``1/sqrt(head_dim)``, the same for
   every model the differential test uses).
 
-Pre-RoPE queries come from the adapter's query projection (norm included, as the model forms
-them, no rotation); the averaged rotation is built from the adapter's cos/sin for the future
+Pre-RoPE queries are the forward pass's own (``LayerObservation.projected_queries``: the scorer
+declares ``needs_projected_queries``, so the engine keeps each layer's query projection output
+instead of this scorer projecting every context row a second time; norm included, as the model
+forms them, no rotation); the averaged rotation is built from the adapter's cos/sin for the future
 positions, partial rotary included, assuming the ``rotate_half`` pairing every shipped adapter
 uses (a RoPE attention factor, as in YaRN or LongRoPE, is in cos/sin and so enters once, as in
 kvpress).
@@ -116,6 +118,8 @@ class ExpectedAttentionScorer(Scorer):
 
     name: ClassVar[str] = "expected_attention"
     layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
+    # the statistics read the queries of every context row: take the forward pass's own
+    needs_projected_queries: ClassVar[bool] = True
     n_future_positions: int = attrs.field(default=512, validator=positive_int)
     n_sink: int = attrs.field(default=4, validator=non_negative_int)
     use_covariance: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
@@ -130,8 +134,8 @@ class ExpectedAttentionScorer(Scorer):
         if ctx_end - first < 1:
             return out
         rows = slice(first, ctx_end)
-        # the queries before RoPE (projected and normalised as the model does)
-        queries = obs.adapter.project_queries(obs.layer_idx, obs.hidden[:, rows]).float()
+        # the queries before RoPE (projected and normalised as the model does), from the pass
+        queries = obs.projected_queries(rows).float()
         # the positions after the context, built on the device (no host read per layer)
         steps = torch.arange(1, self.n_future_positions + 1, device=obs.positions.device)
         future = obs.positions[ctx_end - 1] + steps
