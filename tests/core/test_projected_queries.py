@@ -9,6 +9,8 @@ that does not ask gets no output hook and nothing is held for it.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import ClassVar
 
 import pytest
@@ -121,3 +123,35 @@ def test_an_adapter_that_cannot_derive_queries_from_the_projection_recomputes_th
         assert not seen["captured"]
         # the family's own queries, not the raw projection (which is half as large)
         torch.testing.assert_close(seen["projected"], seen["reference"], rtol=0, atol=0)
+
+
+class _HeldChecker(Scorer):
+    """Checks, at every layer, that no earlier layer's captured projection is still alive."""
+
+    name: ClassVar[str] = "held"
+    needs_projected_queries: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+        self.alive_before: list[list[int]] = []
+
+    def observe(self, obs: LayerObservation) -> None:
+        gc.collect()
+        self.alive_before.append([i for i, ref in enumerate(self.refs) if ref() is not None])
+        self.refs.append(weakref.ref(obs.projection))
+        obs.projected_queries(slice(0, obs.n_rows)).sum()  # read it, keep nothing
+
+    def score(self, layout, observed, candidates, cache_keys):  # never called here
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_a_layers_projection_is_released_once_it_is_observed(arch):
+    lm = tiny_model(arch, seed=3, layers=3, heads=4, kv_heads=2)
+    scorer = _HeldChecker()
+    _observe_one_pass(lm, scorer)
+    assert len(scorer.refs) == 3
+    # one layer at a time: when layer l is observed, layers < l hold nothing any more
+    assert scorer.alive_before == [[], [], []]
+    gc.collect()
+    assert [ref() is None for ref in scorer.refs] == [True, True, True]
