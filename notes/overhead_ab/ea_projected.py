@@ -1,7 +1,7 @@
 # ruff: noqa
 """expected_attention at ~4k tokens on the default model: queries recomputed (old) vs the
 forward pass's own projection (new), interleaved in one process.
-usage: ea_projected.py ROUNDS
+usage: [THREADS=n] ea_projected.py ROUNDS   (torch threads, default: torch's own)
 
 "old" is the same scorer with needs_projected_queries switched off: the observer then keeps no
 projection and LayerObservation.projected_queries recomputes it through adapter.project_queries,
@@ -42,6 +42,8 @@ def one(version):
     return st, cpu[0]
 
 
+if "THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["THREADS"]))
 rounds = int(sys.argv[1])
 lm = load_model()
 seg = segments_near(lm, 4096)
@@ -67,7 +69,9 @@ med = {
     for v, xs in res.items()
 }
 for v, (p, c, o, ratio) in med.items():
-    print(f"median {v}: prefill {p:.2f}s compress {c:.3f}s observe CPU {o:.3f}s ratio {100 * ratio:.2f}%")
+    print(
+        f"median {v}: prefill {p:.2f}s compress {c:.3f}s observe CPU {o:.3f}s ratio {100 * ratio:.2f}%"
+    )
 print(
     f"new/old: compress {med['new'][1] / med['old'][1]:.3f}, observe CPU "
     f"{med['new'][2] / med['old'][2]:.3f}, compress/prefill ratio {med['new'][3] / med['old'][3]:.3f}; "
