@@ -130,6 +130,8 @@ class H2OScorer(Scorer):
 
     name: ClassVar[str] = "h2o"
     layer_local: ClassVar[bool] = True  # a layer's scores read only that layer
+    # reads every row's queries: take the pass's own projection instead of projecting again
+    needs_projected_queries: ClassVar[bool] = True
     query_block: int = attrs.field(default=256, validator=positive_int)
     # (context_index, scores) of the last step that was scored; read by the decode evictor
     last: tuple[torch.Tensor, torch.Tensor] | None = attrs.field(
