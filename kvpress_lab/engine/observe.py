@@ -68,6 +68,24 @@ class Observer:
         # calling the module's q_proj) must not be taken for the pass's
         self._observing = False
 
+    def signature(self) -> str:
+        """What the observations depend on besides the pass: equal signatures, equal results.
+
+        The scorers' names and settings (attrs reprs: the config record; a scorer without one
+        shows its identity, so it is never shared), which rows are the question or the
+        observation window, and the step (its layout object).
+        """
+        return repr(
+            (
+                sorted(self.observed),
+                self.scorers,
+                self.question_rows,
+                self.observation_window,
+                id(self.layout),
+                self.after_layer is None,
+            )
+        )
+
     @property
     def seconds(self) -> float:
         """Time spent in scorers during the pass, reported as compression time.

@@ -527,6 +527,7 @@ def compress_step(
     origins: KeyOrigins | None = None,
     probe_inputs: ProbeInputs | None = None,
     ragged: str | None = None,
+    probed: dict[tuple, _Probed] | None = None,
 ) -> StepOutcome:
     """One compression step after a forward pass, on ``cache`` (in place while it stays dense).
 
@@ -538,6 +539,10 @@ def compress_step(
     That needs one-shot compression with original positions: ``ragged`` names what the caller
     runs when it cannot hold a ragged cache (block-wise prefill, generation-time compression),
     and such a step is refused with a ConfigError. Contiguous positions are always refused.
+
+    ``probed`` (shared prefill): probe passes already run over this same cache by a policy whose
+    scorers have equal settings and which read the same ``observed``; their results are reused
+    (and their time and peak memory reported as this step's) instead of running them again.
 
     Host transfers: scores, top-k and the cache gathers stay on the model's device. The engine's
     validation (:mod:`kvpress_lab.engine.checks`) reads a constant number of values on the host
@@ -558,7 +563,7 @@ def compress_step(
         keep = _merge(allocation, _no_selection(allocation, layout), layout, comp.selector.name)
     else:
         if probe_inputs is not None:
-            observed = run_probes(adapter, comp, cache, layout, observed, probe_inputs)
+            observed = _probe_once(adapter, comp, cache, layout, observed, probe_inputs, probed)
         source = _Scores(comp.scorers, layout, observed, adapter, cache)
         selected = comp.selector.select(source, allocation.candidates.to(torch.bool), allocation.k)
         keep = _merge(allocation, selected, layout, comp.selector.name, pools)
@@ -703,6 +708,49 @@ def run_probes(
     _sync(device)
     inputs.seconds += time.perf_counter() - t0
     return observed
+
+
+def _probe_once(
+    adapter: ModelAdapter,
+    comp: Composition,
+    cache: object,
+    layout: StepLayout,
+    observed: Mapping[str, list],
+    inputs: ProbeInputs,
+    probed: dict[tuple, _Probed] | None,
+) -> Mapping[str, list]:
+    """:func:`run_probes`, or the result of an identical earlier call recorded in ``probed``."""
+    if probed is None:
+        return run_probes(adapter, comp, cache, layout, observed, inputs)
+    names = comp.selector.scorer_names()
+    key = (
+        id(observed),
+        comp.engine.position_mode,
+        comp.engine.observation_window,
+        repr([(n, comp.scorers[n]) for n in names]),
+    )
+    earlier = probed.get(key)
+    if earlier is None:
+        before = inputs.seconds
+        result = run_probes(adapter, comp, cache, layout, observed, inputs)
+        probed[key] = _Probed(
+            result, inputs.seconds - before, inputs.peak_tokens, inputs.peak_bytes
+        )
+        return result
+    inputs.seconds += earlier.seconds
+    inputs.peak_tokens = max(inputs.peak_tokens, earlier.peak_tokens)
+    inputs.peak_bytes = max(inputs.peak_bytes, earlier.peak_bytes)
+    return earlier.observed
+
+
+@attrs.frozen
+class _Probed:
+    """One run of probe passes, kept for policies whose scorers are the same (shared prefill)."""
+
+    observed: Mapping[str, list]
+    seconds: float
+    peak_tokens: int
+    peak_bytes: int
 
 
 def _trim(adapter: ModelAdapter, cache: object, n_slots: int) -> None:

@@ -17,8 +17,13 @@ of that shared cache (or more, for a probe pass), which for a layer-local policy
 the peak of an independent run of it; run the policy alone (``kvlab run``) to measure its own
 layer-wise peak.
 
+Policies whose scorers have equal settings (the same policy at several keep ratios) share one
+observer and one run of their probe passes (KVzip's): the observations do not depend on the
+budget, so they are computed once and each policy selects from them with its own budget.
+
 Timing: every result carries the *shared* prefill time (the forward pass minus the time spent in
-all policies' scorers); ``compress_s`` is the policy's own scorer time plus its selection and
+all policies' scorers); ``compress_s`` is the policy's own scorer time (the shared observer's and
+probe passes' time, which a run of that policy alone would spend) plus its selection and
 gather.
 """
 
@@ -32,6 +37,7 @@ import torch
 
 from kvpress_lab.adapters import adapter_for
 from kvpress_lab.engine.api import answer_compressed
+from kvpress_lab.engine.observe import Observer
 from kvpress_lab.engine.result import RunResult
 from kvpress_lab.engine.runner import (
     CompressedContext,
@@ -112,20 +118,25 @@ def run_shared(
     )
     cache = adapter.new_cache()
     plans = [plan_step(adapter, cache, comp, layout, n_in, positions) for comp in comps]
+    # policies that differ only in their budget (one policy at several keep ratios) observe with
+    # scorers of equal settings: one observer serves them all, and their probe passes run once
+    firsts: dict[str, Observer] = {}
+    sources = [firsts.setdefault(observer.signature(), observer) for _, _, observer in plans]
     _sync(device)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        for _, _, observer in plans:
+        for observer in firsts.values():
             stack.enter_context(observer.attached())
         logits = adapter.forward(ids, cache, positions, torch.arange(0, n_in, device=device))
     _sync(device)
     t1 = time.perf_counter()
-    prefill_s = (t1 - t0) - sum(obs.seconds for _, _, obs in plans)
+    prefill_s = (t1 - t0) - sum(obs.seconds for obs in firsts.values())
+    probed: dict = {}  # probe passes run once per distinct scorer settings
     peak_bytes = adapter.kv_bytes(cache)
     last_logits = logits[-1]
 
-    for i, (policy, comp, (allocation, evicts, observer)) in enumerate(
-        zip(policies, comps, plans, strict=True)
+    for i, (policy, comp, (allocation, evicts, _), observer) in enumerate(
+        zip(policies, comps, plans, sources, strict=True)
     ):
         # the engine never writes into cached tensors, only assigns new ones: sharing is safe
         own = cache if i == len(comps) - 1 else adapter.copy_cache(cache)
@@ -142,6 +153,7 @@ def run_shared(
             last_logits,
             last=True,
             probe_inputs=probe_inputs,
+            probed=probed,
         )
         context_index, question_logits = outcome.context_index, outcome.question_logits
         _sync(device)

@@ -394,3 +394,42 @@ def test_shared_prefill_equals_independent_runs_for_every_registered_policy(lm):
         want = run_segments(lm, policy, segments, max_new_tokens=4)
         assert torch.equal(got.kept_indices, want.kept_indices), policy.name
         assert got.answer_token_ids == want.answer_token_ids, policy.name
+
+
+def test_one_policy_at_two_keep_ratios_observes_and_probes_once(lm, monkeypatch):
+    """Equal scorer settings share one observer and one run of the probe passes, and each
+    keep ratio still selects exactly what an independent run of it selects."""
+    from kvlab_plugins.h2o import H2OScorer
+    from kvlab_plugins.kvzip import KVzipScorer
+
+    text = "The grass is green. The sky is blue. " * 12 + "The pass key is 4242. " + "Ho. " * 20
+    segments = build_prompt(lm.tokenizer, text, "What is the pass key?", "The pass key is")
+    policies = [
+        load_policy(spec)
+        for spec in ("kvzip:keep_ratio=0.3", "h2o:keep_ratio=0.3", "kvzip:keep_ratio=0.1")
+    ] + [load_policy("h2o:keep_ratio=0.1"), load_policy("kvzip:keep_ratio=0.1,n_sink=2")]
+    probes, observed = [], []
+    real_probes, real_observe = KVzipScorer.probes, H2OScorer.observe
+    monkeypatch.setattr(
+        KVzipScorer, "probes", lambda self, *a: probes.append(1) or real_probes(self, *a)
+    )
+    monkeypatch.setattr(
+        H2OScorer, "observe", lambda self, obs: observed.append(1) or real_observe(self, obs)
+    )
+    shared = list(run_shared(lm, policies, segments, max_new_tokens=4))
+    n_layers = lm.model.config.num_hidden_layers
+    assert len(probes) == 2  # kvzip n_sink=4 (both keeps) once, n_sink=2 once
+    assert len(observed) == n_layers  # h2o's two keep ratios: one observer
+    monkeypatch.setattr(KVzipScorer, "probes", real_probes)
+    monkeypatch.setattr(H2OScorer, "observe", real_observe)
+    kept = set()
+    for policy, got in zip(policies, shared, strict=True):
+        want = run_segments(lm, policy, segments, max_new_tokens=4)
+        assert torch.equal(got.kept_indices, want.kept_indices), policy
+        assert got.answer_token_ids == want.answer_token_ids, policy
+        if policy.name == "kvzip":  # the probe's peak is reported for the twin too
+            assert got.peak_kv_bytes == want.peak_kv_bytes, policy
+            assert got.probe_s > 0, policy
+        assert got.compress_s > 0, policy  # the shared scoring counts for every policy
+        kept.add(tuple(got.kept_indices.flatten().tolist()))
+    assert len(kept) == len(policies)
