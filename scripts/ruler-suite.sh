@@ -5,8 +5,12 @@
 #
 #   scripts/ruler-suite.sh OUT LENGTHS SAMPLES [--extend]
 #   scripts/ruler-suite.sh kvlab-results/ruler-suite 4k 1            # one sample per task at 4k
-#   scripts/ruler-suite.sh kvlab-results/ruler-suite 4k,8k 3 --extend
+#   scripts/ruler-suite.sh kvlab-results/ruler-suite 4k,7808 3 --extend
 #
+# The 8k point is 7808 context tokens on the default model: SmolLM2 has 8192 positions, and the
+# longest RULER question + answer (niah_multikey_3: ~100 + 128 tokens) must fit beside a context
+# that may run 2% past its target (`kvlab compare` names the length that fits when one does not).
+# RULER's own 8k likewise counts prompt and answer together in 8192 positions.
 # THREADS (default: torch's choice) sets OMP_NUM_THREADS; use 1 when the cores are shared.
 set -euo pipefail
 out=${1:?OUT directory}

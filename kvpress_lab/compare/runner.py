@@ -347,12 +347,15 @@ def compare(
         if any(not _is_task_file(t) for t in tasks):  # --lengths applies to generated tasks
             for length in lengths:  # hopeless lengths fail before any sample is generated
                 check_prompt_fits(
-                    limit, model_name, length, 0, max_new_tokens or 1, fix=_LENGTHS_FIX
+                    limit, model_name, length, 0, max_new_tokens or 1,
+                    fix="lower --lengths (under {room} context tokens: the question and answer "
+                    "need positions too)",
                 )  # fmt: skip
         tokenizer = load_tokenizer(source)
     else:
         limit, tokenizer = lm.max_positions, lm.tokenizer
     count = _count_tokens(tokenizer)
+    too_long = _Overlong()
     # a group name (``ruler``) runs as its tasks, each a task of its own in the rows and summary
     member_of = {m: name for name in tasks if name in TASK_GROUPS for m in TASK_GROUPS[name]}
     groups: list[_Group] = []
@@ -366,12 +369,20 @@ def compare(
                         tokenizer, q.context, q.question, q.answer_prefix, chat_template
                     )  # fmt: skip
                     line = sample.meta.get("line")
-                    check_prompt_fits(
-                        limit, model_name, segments.context_length, segments.question_length,
-                        answer_tokens,
-                        fix=_LENGTHS_FIX if line is None
-                        else f"shorten the context of {task} line {line} to at most {{room}} tokens",
-                    )  # fmt: skip
+                    if line is not None:
+                        check_prompt_fits(
+                            limit, model_name, segments.context_length,
+                            segments.question_length, answer_tokens,
+                            fix=f"shorten the context of {task} line {line} to at most {{room}} "
+                            "tokens",
+                        )  # fmt: skip
+                    elif not too_long.record(
+                        limit, length, f"{task} sample {i}", segments, answer_tokens
+                    ):
+                        check_prompt_fits(  # fits, or the question alone is too long
+                            limit, model_name, segments.context_length,
+                            segments.question_length, answer_tokens,
+                        )  # fmt: skip
                     index = q.meta.get("question_index") if sample.n_questions > 1 else None
                     questions.append(_Question(index, q, segments))
                 for e in entries:
@@ -387,6 +398,8 @@ def compare(
                             answer_tokens, member_of.get(task),
                         )
                     )  # fmt: skip
+
+    too_long.check(limit, model_name)
 
     if lm is None:
         from kvpress_lab.models import load_model
@@ -525,7 +538,49 @@ def compare(
     return CompareResult(out, rows, summary, ran, failed)
 
 
-_LENGTHS_FIX = "lower --lengths (at most {room} context tokens fit)"
+@attrs.define
+class _Overlong:
+    """Generated prompts longer than the model's positions, gathered so that one error names,
+    for every ``--lengths`` value that overflows, its longest prompt and a length that fits."""
+
+    worst: dict[int, tuple[int, str]] = attrs.Factory(dict)  # length -> (tokens over, prompt)
+    rest: dict[int, int] = attrs.Factory(dict)  # length -> most question + answer tokens
+
+    def record(self, limit: int | None, length: int, where: str, segments, answer: int) -> bool:
+        """Note one prompt; True when it overflows and a shorter context would fix it."""
+        if limit is None:
+            return False
+        rest = segments.question_length + answer
+        self.rest[length] = max(self.rest.get(length, 0), rest)
+        total = segments.context_length + rest
+        if total <= limit or rest >= limit:
+            return False
+        if total - limit > self.worst.get(length, (0, ""))[0]:
+            self.worst[length] = (
+                total - limit,
+                f"{where}: context {segments.context_length} + question "
+                f"{segments.question_length} + answer {answer} = {total} tokens",
+            )
+        return True
+
+    def check(self, limit: int | None, model: str) -> None:
+        if not self.worst:
+            return
+        from kvpress_lab.errors import ContextTooLongError
+        from kvpress_lab.tasks.base import LENGTH_TOLERANCE
+
+        told, lower = [], []
+        for length, (over, prompt) in sorted(self.worst.items()):
+            told.append(f"at --lengths {length} the longest prompt ({prompt}) is {over} over")
+            # a generated context may run LENGTH_TOLERANCE past its target
+            fits = int((limit - self.rest[length]) / (1 + LENGTH_TOLERANCE))
+            lower.append(f"{length} to at most {fits}")
+        raise ContextTooLongError(
+            f"{'; '.join(told)} {model}'s maximum of {limit} positions; lower --lengths "
+            f"{', '.join(lower)} (generated contexts come within {LENGTH_TOLERANCE:.0%} of "
+            "their target, and the question and answer need room too) or use a model with a "
+            "longer context"
+        )
 
 
 def _invocations(old: dict | None) -> list[dict]:

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -340,8 +341,36 @@ def test_compare_lengths_beyond_the_model_fail_before_weights_naming_lengths(
     assert code == 2
     _assert_one_line(err)
     assert "exceeds" in err and "maximum of 1024 positions" in err
-    assert "lower --lengths (at most " in err and "shorten the context" not in err
+    assert "lower --lengths (under 1022 context tokens" in err and "shorten the context" not in err
     assert not out.exists()
+
+
+def test_compare_lengths_that_overflow_with_the_question_name_the_worst_prompt_and_a_fit(
+    saved_model, tmp_path, capsys, no_weights
+):
+    # 1000 context tokens fit the tiny model's 1024 positions alone, not with question + answer
+    argv = ["compare", "--policies", "random", "--model", str(saved_model), "--samples", "2",
+            "--out", str(tmp_path / "o"), "--no-progress", "--max-new-tokens", "8"]  # fmt: skip
+    code, err = _cli(capsys, [*argv, "--lengths", "500,1000"])
+    assert code == 2
+    _assert_one_line(err)
+    told = re.search(
+        r"at --lengths 1000 the longest prompt \((\S+) sample \d: context (\d+) \+ question "
+        r"(\d+) \+ answer 8 = (\d+) tokens\) is (\d+) over \S+'s maximum of 1024 positions; "
+        r"lower --lengths 1000 to at most (\d+) \(",
+        err,
+    )
+    assert told, err
+    context, question, total, over, fits = (int(g) for g in told.groups()[1:])
+    assert context + question + 8 == total and total - 1024 == over > 0
+    assert "--lengths 500" not in err  # 500 fits: only the overflowing length is named
+    assert not (tmp_path / "o").exists()
+    # the suggested length passes every check: the run gets as far as loading the weights
+    with pytest.raises(AssertionError, match="weights loaded before the inputs were checked"):
+        main([*argv, "--lengths", f"500,{fits}"])
+    # and one more token per question overflows again (the suggestion is not needlessly low)
+    code, err = _cli(capsys, [*argv, "--lengths", f"{fits + 60}"])
+    assert code == 2 and f"at --lengths {fits + 60} the longest prompt" in err, err
 
 
 def test_compare_jsonl_errors_fail_before_the_model_and_leave_no_directory(
