@@ -1,35 +1,75 @@
-"""Where does LASER-KV lose the needle? niah at 1024, keep 0.1: kept needle tokens per policy."""
-import sys, torch
+"""Where does LASER-KV lose the needle? Kept needle tokens per policy on niah samples.
+
+    python needle.py 1024 ["spec;spec;..."]
+
+A spec ``pooled:keep_ratio=R`` runs the script-local pooled variant from pooled.py.
+"""
+
+import sys
+
+import torch
+from pooled import PooledLaser
+
 from kvpress_lab import load_model
+from kvpress_lab.compare.runner import _count_tokens
 from kvpress_lab.engine.api import run_segments
 from kvpress_lab.prompt import build_prompt
 from kvpress_lab.spec import load_policy
 from kvpress_lab.tasks import generate_samples
-from kvpress_lab.compare.runner import _count_tokens
 
-torch.set_num_threads(1)
-L = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
-lm = load_model()
-tok = lm.tokenizer
-specs = sys.argv[2].split(";") if len(sys.argv) > 2 else ["snapkv:keep_ratio=0.1", "laserkv:keep_ratio=0.1", "laserkv:keep_ratio=0.1,alpha=1.0", "laserkv:keep_ratio=0.1,alpha=0.0"]
-for s in generate_samples("niah", L, 4, 0, _count_tokens(tok)):
-    seg = build_prompt(tok, s.context, s.question, s.answer_prefix, True)
-    ids = seg.context_ids.tolist() if hasattr(seg, "context_ids") else None
-    ans = s.answers[0]
-    # needle token positions: tokens of the context that decode into the answer digits' span
-    text_ids = ids
-    pieces = [tok.decode([t]) for t in text_ids]
-    joined = ""; starts = []
-    for p in pieces: starts.append(len(joined)); joined += p
-    at = joined.find(ans)
-    needle = [i for i, st in enumerate(starts) if at <= st < at + len(ans)]
-    # the whole needle sentence: from the previous '.' to the answer end
-    sent0 = joined.rfind(".", 0, at)
-    sentence = [i for i, st in enumerate(starts) if sent0 < st < at + len(ans)]
-    print(f"sample {s.sample_id}: L={len(ids)} answer {ans} value-tokens {needle} sentence {sentence[0]}..{sentence[-1]}")
-    for spec in specs:
-        r = run_segments(lm, load_policy(spec), seg, max_new_tokens=12)
-        ki = r.kept_indices  # [Ly, H, k]
-        frac_val = torch.stack([torch.isin(torch.tensor(needle), ki[l, h]).float().mean() for l in range(ki.shape[0]) for h in range(ki.shape[1])])
-        frac_sent = torch.stack([torch.isin(torch.tensor(sentence), ki[l, h]).float().mean() for l in range(ki.shape[0]) for h in range(ki.shape[1])])
-        print(f"  {spec:40s} kept {r.kept_tokens:.0f} value-tokens kept {frac_val.mean():.2f} sentence kept {frac_sent.mean():.2f} answer {r.answer!r}")
+DEFAULT_SPECS = (
+    "snapkv:keep_ratio=0.1;laserkv:keep_ratio=0.1;"
+    "laserkv:keep_ratio=0.1,alpha=1.0;laserkv:keep_ratio=0.1,alpha=0.0"
+)
+
+
+def token_spans(tok, ids: list[int], answer: str) -> tuple[list[int], list[int]]:
+    """Context positions of the answer's tokens, and of its sentence (from the previous '.')."""
+    starts, text = [], ""
+    for t in ids:
+        starts.append(len(text))
+        text += tok.decode([t])
+    at = text.find(answer)
+    end = at + len(answer)
+    value = [i for i, st in enumerate(starts) if at <= st < end]
+    sentence_start = text.rfind(".", 0, at)
+    sentence = [i for i, st in enumerate(starts) if sentence_start < st < end]
+    return value, sentence
+
+
+def kept_fraction(kept: torch.Tensor, positions: list[int]) -> float:
+    """Mean over layers and KV heads of the fraction of ``positions`` kept."""
+    wanted = torch.tensor(positions)
+    rows = kept.reshape(-1, kept.shape[-1])
+    return torch.stack([torch.isin(wanted, row).float().mean() for row in rows]).mean().item()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    length = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    specs = (sys.argv[2] if len(sys.argv) > 2 else DEFAULT_SPECS).split(";")
+    lm = load_model()
+    tok = lm.tokenizer
+    for s in generate_samples("niah", length, 4, 0, _count_tokens(tok)):
+        seg = build_prompt(tok, s.context, s.question, s.answer_prefix, True)
+        ids = seg.context_ids.tolist()
+        value, sentence = token_spans(tok, ids, s.answers[0])
+        print(
+            f"sample {s.sample_id}: L={len(ids)} answer {s.answers[0]} value-tokens {value} "
+            f"sentence {sentence[0]}..{sentence[-1]}"
+        )
+        for spec in specs:
+            if spec.startswith("pooled"):
+                policy = PooledLaser(keep_ratio=float(spec.split("=")[1]))
+            else:
+                policy = load_policy(spec)
+            r = run_segments(lm, policy, seg, max_new_tokens=12)
+            print(
+                f"  {spec:40s} kept {r.kept_tokens:.0f} "
+                f"value-tokens kept {kept_fraction(r.kept_indices, value):.2f} "
+                f"sentence kept {kept_fraction(r.kept_indices, sentence):.2f} answer {r.answer!r}"
+            )
+
+
+if __name__ == "__main__":
+    main()
