@@ -2,7 +2,8 @@
 
 Usage: ``python3 scripts/readme_commands.py main|test``. ``main`` is the one-line command under
 "Install and run the main job", ``test`` the one under "Install and run the tests". A README
-edit that moves or splits them makes this script fail (and tests/docs/test_readme.py with it).
+edit that moves or splits them makes this script fail (and tests/docs/test_newcomer_snippets.py
+with it).
 """
 
 from __future__ import annotations
