@@ -2,13 +2,15 @@
 
     python needle.py 1024 ["spec;spec;..."]
 
-A spec ``pooled:keep_ratio=R`` runs the script-local pooled variant from pooled.py.
+Specs ``pooled:keep_ratio=R`` and ``maxhead:keep_ratio=R`` run the script-local variants in
+pooled.py (max-pooled exact score; max instead of sum over layers and heads), and
+``globalsnap:keep_ratio=R``: SnapKV's scores summed over layers and heads, one index set.
 """
 
 import sys
 
 import torch
-from pooled import PooledLaser
+from pooled import GlobalSnapKV, MaxHeadLaser, PooledLaser
 
 from kvpress_lab import load_model
 from kvpress_lab.compare.runner import _count_tokens
@@ -61,6 +63,13 @@ def main() -> None:
         for spec in specs:
             if spec.startswith("pooled"):
                 policy = PooledLaser(keep_ratio=float(spec.split("=")[1]))
+            elif spec.startswith("globalsnap"):
+                kw = dict(kv.split("=") for kv in spec.split(":")[1].split(","))
+                policy = GlobalSnapKV(
+                    **{k: (float if k == "keep_ratio" else int)(v) for k, v in kw.items()}
+                )
+            elif spec.startswith("maxhead"):
+                policy = MaxHeadLaser(keep_ratio=float(spec.split("=")[1]))
             else:
                 policy = load_policy(spec)
             r = run_segments(lm, policy, seg, max_new_tokens=12)

@@ -1,9 +1,12 @@
 """Diagnostic only: LASER-KV with its global exact score max-pooled over neighbouring slots."""
 
 import attrs
+import torch
 import torch.nn.functional as F
 from kvlab_plugins.exact import ExactScorer
 from kvlab_plugins.laserkv import LaserKVPolicy
+from kvlab_plugins.snapkv import SnapKVPolicy, SnapKVScorer
+from kvlab_plugins.topk import TopKSelector
 
 from kvpress_lab.policy import Composition
 
@@ -26,5 +29,49 @@ class PooledLaser(LaserKVPolicy):
             budgeter=c.budgeter,
             scorers={**c.scorers, "exact": PooledExact()},
             selector=c.selector,
+            engine=c.engine,
+        )
+
+
+class MaxHeadExact(ExactScorer):
+    """The exact score's max over layers and KV heads instead of its sum (consensus hypothesis)."""
+
+    def score(self, layout, observed, candidates, cache_keys):
+        per_layer = [o for o in observed if o is not None]
+        total = per_layer[0].amax(dim=0)
+        for o in per_layer[1:]:
+            total = torch.maximum(total, o.amax(dim=0).to(total.device))
+        return total.view(1, 1, -1)
+
+
+@attrs.define(kw_only=True)
+class MaxHeadLaser(LaserKVPolicy):
+    def compose(self) -> Composition:
+        c = super().compose()
+        return Composition(
+            budgeter=c.budgeter,
+            scorers={**c.scorers, "exact": MaxHeadExact()},
+            selector=c.selector,
+            engine=c.engine,
+        )
+
+
+class GlobalSnapKVScorer(SnapKVScorer):
+    """SnapKV's pooled window votes summed over layers and KV heads: one index set, like LASER-KV."""
+
+    def score(self, layout, observed, candidates, cache_keys):
+        return (
+            super().score(layout, observed, candidates, cache_keys).sum(dim=(0, 1)).view(1, 1, -1)
+        )
+
+
+@attrs.define(kw_only=True)
+class GlobalSnapKV(SnapKVPolicy):
+    def compose(self) -> Composition:
+        c = super().compose()
+        return Composition(
+            budgeter=c.budgeter,
+            scorers={"main": GlobalSnapKVScorer(window=self.window, kernel=self.kernel)},
+            selector=TopKSelector(scorer="main", granularity="global"),
             engine=c.engine,
         )
