@@ -1,4 +1,4 @@
-"""Diagnostic only: LASER-KV with its global exact score max-pooled over neighbouring slots."""
+"""Diagnostic only: LASER-KV and SnapKV with script-local scorers swapped in (needle.py specs)."""
 
 import attrs
 import torch
@@ -21,16 +21,16 @@ class PooledExact(ExactScorer):
         return F.max_pool1d(s.view(1, 1, -1), k, 1, k // 2).view(s.shape)
 
 
-@attrs.define(kw_only=True)
-class PooledLaser(LaserKVPolicy):
-    def compose(self) -> Composition:
-        c = super().compose()
-        return Composition(
-            budgeter=c.budgeter,
-            scorers={**c.scorers, "exact": PooledExact()},
-            selector=c.selector,
-            engine=c.engine,
-        )
+def with_exact(scorer: type) -> type:
+    """A LASER-KV policy whose ``exact`` scorer is ``scorer()``, everything else as shipped."""
+
+    @attrs.define(kw_only=True)
+    class Swapped(LaserKVPolicy):
+        def compose(self) -> Composition:
+            c = super().compose()
+            return attrs.evolve(c, scorers={**c.scorers, "exact": scorer()})
+
+    return Swapped
 
 
 class MaxHeadExact(ExactScorer):
@@ -42,18 +42,6 @@ class MaxHeadExact(ExactScorer):
         for o in per_layer[1:]:
             total = torch.maximum(total, o.amax(dim=0).to(total.device))
         return total.view(1, 1, -1)
-
-
-@attrs.define(kw_only=True)
-class MaxHeadLaser(LaserKVPolicy):
-    def compose(self) -> Composition:
-        c = super().compose()
-        return Composition(
-            budgeter=c.budgeter,
-            scorers={**c.scorers, "exact": MaxHeadExact()},
-            selector=c.selector,
-            engine=c.engine,
-        )
 
 
 class GlobalSnapKVScorer(SnapKVScorer):
@@ -68,10 +56,12 @@ class GlobalSnapKVScorer(SnapKVScorer):
 @attrs.define(kw_only=True)
 class GlobalSnapKV(SnapKVPolicy):
     def compose(self) -> Composition:
-        c = super().compose()
-        return Composition(
-            budgeter=c.budgeter,
+        return attrs.evolve(
+            super().compose(),
             scorers={"main": GlobalSnapKVScorer(window=self.window, kernel=self.kernel)},
             selector=TopKSelector(scorer="main", granularity="global"),
-            engine=c.engine,
         )
+
+
+PooledLaser = with_exact(PooledExact)
+MaxHeadLaser = with_exact(MaxHeadExact)
