@@ -10,7 +10,7 @@ pooled.py (max-pooled exact score; max instead of sum over layers and heads), an
 import sys
 
 import torch
-from pooled import GlobalSnapKV, MaxHeadLaser, PooledLaser
+from pooled import LOCAL
 
 from kvpress_lab import load_model
 from kvpress_lab.compare.runner import _count_tokens
@@ -61,17 +61,7 @@ def main() -> None:
             f"sentence {sentence[0]}..{sentence[-1]}"
         )
         for spec in specs:
-            if spec.startswith("pooled"):
-                policy = PooledLaser(keep_ratio=float(spec.split("=")[1]))
-            elif spec.startswith("globalsnap"):
-                kw = dict(kv.split("=") for kv in spec.split(":")[1].split(","))
-                policy = GlobalSnapKV(
-                    **{k: (float if k == "keep_ratio" else int)(v) for k, v in kw.items()}
-                )
-            elif spec.startswith("maxhead"):
-                policy = MaxHeadLaser(keep_ratio=float(spec.split("=")[1]))
-            else:
-                policy = load_policy(spec)
+            policy = load_policy(spec, registry=LOCAL)
             r = run_segments(lm, policy, seg, max_new_tokens=12)
             print(
                 f"  {spec:40s} kept {r.kept_tokens:.0f} "

@@ -9,6 +9,7 @@ from kvlab_plugins.snapkv import SnapKVPolicy, SnapKVScorer
 from kvlab_plugins.topk import TopKSelector
 
 from kvpress_lab.policy import Composition
+from kvpress_lab.registry import default_registry
 
 
 @attrs.define(kw_only=True)
@@ -65,3 +66,15 @@ class GlobalSnapKV(SnapKVPolicy):
 
 PooledLaser = with_exact(PooledExact)
 MaxHeadLaser = with_exact(MaxHeadExact)
+
+
+class LocalPolicies:
+    """The installed registry plus this folder's variants, so ``load_policy`` parses every spec."""
+
+    local = {"pooled": PooledLaser, "maxhead": MaxHeadLaser, "globalsnap": GlobalSnapKV}
+
+    def policy_class(self, name: str) -> type:
+        return self.local.get(name) or default_registry().policy_class(name)
+
+
+LOCAL = LocalPolicies()
